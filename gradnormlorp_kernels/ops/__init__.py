@@ -1,0 +1,32 @@
+"""The ops: each module holds the pure-PyTorch reference and dispatches to the fastest backend here."""
+
+from .adam_update import adam_update
+from .adapter_linear import adapter_backward, adapter_forward
+from .full_linear import full_backward, full_forward
+from .norm_coefficients import norm_coefficients
+from .project_back import project_back_update
+from .projected_grad import grad_sketch, projected_grad
+from .quant8 import BLOCK_SIZE, dequantize_blockwise, dynamic_map, quantize_blockwise
+from .refresh import orthonormalize, randomized_projector, svd_projector
+from .row_norm import adapter_row_norm, row_norm
+
+__all__ = [
+    "BLOCK_SIZE",
+    "adam_update",
+    "adapter_backward",
+    "adapter_forward",
+    "adapter_row_norm",
+    "dequantize_blockwise",
+    "dynamic_map",
+    "full_backward",
+    "full_forward",
+    "grad_sketch",
+    "norm_coefficients",
+    "orthonormalize",
+    "project_back_update",
+    "projected_grad",
+    "quantize_blockwise",
+    "randomized_projector",
+    "row_norm",
+    "svd_projector",
+]

@@ -1,0 +1,40 @@
+"""Project the Adam direction back, update the weight in place (with decoupled decay) and return new row norms."""
+
+from typing import Optional
+
+import torch
+
+from .._dispatch import op
+from ._common import NORM_FLOOR, accumulation_dtype
+
+
+@op("project_back_update", mutates_args=("weight",))
+def project_back_update(
+    weight: torch.Tensor,
+    direction: torch.Tensor,
+    left: Optional[torch.Tensor],
+    right: Optional[torch.Tensor],
+    step_size: float,
+    decay: float,
+    gate: torch.Tensor,
+) -> torch.Tensor:
+    """W <- W (1 - gate * decay) - gate * step_size * (P N Q^T); returns ||W||_row (float32).
+
+    `left` (out, r) and/or `right` (in, r) may be absent (that side is not projected). `gate` is a
+    0-d float tensor, 0 for a skipped (non-finite) step, so nothing here waits on the host.
+    """
+    acc = accumulation_dtype(weight.dtype)
+    update = direction.to(acc)
+    if left is not None:
+        update = left.to(acc) @ update
+    if right is not None:
+        update = update @ right.to(acc).T
+    gate = gate.to(acc)
+    new = weight.to(acc) * (1.0 - gate * decay) - (gate * step_size) * update
+    weight.copy_(new)
+    return torch.linalg.vector_norm(weight.to(acc), dim=1).clamp_min(NORM_FLOOR)
+
+
+@project_back_update.custom_op.register_fake
+def _(weight, direction, left, right, step_size, decay, gate):
+    return weight.new_empty(weight.shape[0], dtype=accumulation_dtype(weight.dtype))

@@ -1,0 +1,94 @@
+"""Swap a model's `nn.Linear` layers for `GradNormLoRPLinear` in place, and merge them back."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Union
+
+from torch import nn
+
+from .layer import GradNormLoRPLinear, check_mode
+
+# Output heads are left alone under "all-linear" (as peft does): they are usually tied or task-specific.
+_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "out_proj_head")
+
+TargetModules = Union[str, Iterable[str]]
+
+
+def _is_head(name: str) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return last in _HEAD_NAMES or name.startswith(tuple(h + "." for h in _HEAD_NAMES)) or ".classifier." in f".{name}."
+
+
+def _selector(target_modules: TargetModules):
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return lambda name: not _is_head(name)
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(
+                f"target_modules must be 'all-linear', a list of module names or a valid regex; {target_modules!r}: {exc}"
+            ) from exc
+        return lambda name: pattern.fullmatch(name) is not None
+    names = list(target_modules)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"target_modules must be 'all-linear', a regex or a non-empty list of names, got {target_modules!r}")
+    # A name matches a module whose full name equals it or ends with ".<name>" (e.g. "q_proj").
+    return lambda name: any(name == n or name.endswith("." + n) for n in names)
+
+
+def wrap(
+    model: nn.Module,
+    target_modules: TargetModules = "all-linear",
+    rank: int = 8,
+    alpha: float = 16,
+    mode: str = "adapter",
+    detach_norm: bool = False,
+) -> nn.Module:
+    """Replace the selected `nn.Linear` modules of `model` in place; returns `model`.
+
+    mode="adapter" freezes every parameter of the model except the adapters' `lora_A`, `lora_B` and
+    `magnitude` (LoRA-style fine-tuning); mode="full" trains everything, the wrapped layers through
+    their direction and magnitude. Raises if nothing matched, so a typo cannot train nothing.
+    """
+    check_mode(mode)
+    selected = _selector(target_modules)
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not isinstance(module, GradNormLoRPLinear) and selected(name)
+    ]
+    if not targets:
+        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no nn.Linear in the model; its linear layers are "
+            f"{linear_names[:20]}{' ...' if len(linear_names) > 20 else ''}"
+        )
+    replacements = [
+        (name, GradNormLoRPLinear._from_linear(module, rank, alpha, mode, detach_norm, share=True))
+        for name, module in targets
+    ]
+    if mode == "adapter":
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+    for name, layer in replacements:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+        if mode == "adapter":
+            for parameter in (layer.lora_A, layer.lora_B, layer.magnitude):
+                parameter.requires_grad_(True)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every `GradNormLoRPLinear` in `model` (or `model` itself) by a plain `nn.Linear`; returns the model."""
+    if isinstance(model, GradNormLoRPLinear):
+        return model.merge()
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, GradNormLoRPLinear)]
+    for name, layer in layers:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.merge())
+    return model
