@@ -1,0 +1,125 @@
+"""row_norm (full mode's ||V||_row) and adapter_row_norm (||W0 + s B A||_row and W0 A^T, without W')."""
+
+import pytest
+import torch
+from conftest import (
+    DEVICE,
+    LOW_PRECISION,
+    assert_close_scaled,
+    assert_matches_reference,
+    assert_within_baseline,
+    backend_params,
+    dense_adapter_weight,
+    other_backend_params,
+    run_op,
+)
+
+from gradnormlorp_kernels import ops
+from gradnormlorp_kernels.ops._common import NORM_FLOOR
+
+# (out, in, r): odd sizes, including a single row, a single column and rank 1.
+SHAPES = [(1, 1, 1), (3, 17, 2), (17, 3, 3), (129, 17, 5), (17, 129, 1), (129, 129, 7)]
+
+
+def adapter_inputs(out, inp, r, dtype):
+    base = torch.randn(out, inp, dtype=dtype, device=DEVICE)
+    lora_A = torch.randn(r, inp, dtype=dtype, device=DEVICE) / inp**0.5
+    lora_B = torch.randn(out, r, dtype=dtype, device=DEVICE)
+    scaling = float(torch.empty(()).uniform_(0.5, 2.0))
+    return base, lora_A, lora_B, scaling
+
+
+def upcast(*tensors):
+    return [t.to(torch.float64) for t in tensors]
+
+
+@pytest.mark.parametrize("backend", backend_params("row_norm"))
+@pytest.mark.parametrize("out,inp,r", SHAPES)
+def test_row_norm_float64(backend, out, inp, r):
+    weight = torch.randn(out, inp, dtype=torch.float64, device=DEVICE)
+    norm = run_op(ops.row_norm, backend, weight)
+    assert norm.dtype == torch.float64
+    assert_close_scaled(norm, torch.linalg.vector_norm(weight, dim=1), 1e-12, "n")
+
+
+@pytest.mark.parametrize("backend", backend_params("row_norm"))
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_row_norm_low_precision(backend, dtype):
+    # Magnitudes spread over rows so a per-row relative error would show.
+    weight = (torch.randn(129, 257, device=DEVICE) * torch.logspace(-2, 2, 129, device=DEVICE)[:, None]).to(dtype)
+    norm = run_op(ops.row_norm, backend, weight)
+    assert norm.dtype == torch.float32
+    truth = torch.linalg.vector_norm(weight.to(torch.float64), dim=1)
+    baseline = torch.linalg.vector_norm(weight, dim=1)
+    # Per-row relative errors: every row's norm matters, small rows included.
+    assert_within_baseline(norm / truth, baseline.to(torch.float64) / truth, torch.ones_like(truth), dtype, name="n")
+
+
+@pytest.mark.parametrize("backend", backend_params("row_norm"))
+def test_row_norm_zero_row_is_floored(backend):
+    weight = torch.randn(5, 33, device=DEVICE)
+    weight[2] = 0.0
+    norm = run_op(ops.row_norm, backend, weight)
+    assert norm[2].item() == pytest.approx(NORM_FLOOR)
+    assert_close_scaled(norm[[0, 1, 3, 4]], torch.linalg.vector_norm(weight[[0, 1, 3, 4]], dim=1), 1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter_row_norm"))
+@pytest.mark.parametrize("out,inp,r", SHAPES)
+def test_adapter_row_norm_float64(backend, out, inp, r):
+    base, lora_A, lora_B, scaling = adapter_inputs(out, inp, r, torch.float64)
+    norm, base_A = run_op(ops.adapter_row_norm, backend, base, lora_A, lora_B, scaling)
+    assert norm.dtype == base_A.dtype == torch.float64
+    magnitude = torch.ones(out, dtype=torch.float64, device=DEVICE)
+    _, truth = dense_adapter_weight(base, lora_A, lora_B, magnitude, scaling)
+    # Per-row relative: the norm is built from a cancellation-prone sum of squares.
+    assert_close_scaled(norm / truth, torch.ones_like(truth), 1e-10, "n")
+    assert_close_scaled(base_A, base @ lora_A.T, 1e-12, "W0 A^T")
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter_row_norm"))
+def test_adapter_row_norm_zero_B_is_base_norm(backend):
+    # The initial state: B = 0 makes W' = W0, so M = ||W0||_row gives W == W0.
+    base, lora_A, lora_B, scaling = adapter_inputs(17, 33, 4, torch.float64)
+    norm, _ = run_op(ops.adapter_row_norm, backend, base, lora_A, torch.zeros_like(lora_B), scaling)
+    assert_close_scaled(norm, torch.linalg.vector_norm(base, dim=1), 1e-12, "n")
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter_row_norm"))
+def test_adapter_row_norm_cancelling_row(backend):
+    # A row where s B A cancels W0 exactly: n is ~0 and must come back floored, finite, not NaN.
+    base, lora_A, lora_B, scaling = adapter_inputs(5, 17, 3, torch.float64)
+    lora_A = torch.linalg.qr(torch.randn(17, 3, dtype=torch.float64, device=DEVICE)).Q.T.contiguous()
+    base[1] = -scaling * (lora_B[1] @ lora_A)
+    norm, _ = run_op(ops.adapter_row_norm, backend, base, lora_A, lora_B, scaling)
+    assert bool(torch.isfinite(norm).all())
+    assert NORM_FLOOR <= norm[1].item() < 1e-6
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter_row_norm"))
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("out,inp,r", [(129, 257, 8), (33, 129, 3)])
+def test_adapter_row_norm_low_precision(backend, dtype, out, inp, r):
+    base, lora_A, lora_B, scaling = adapter_inputs(out, inp, r, dtype)
+    norm, base_A = run_op(ops.adapter_row_norm, backend, base, lora_A, lora_B, scaling)
+    assert norm.dtype == base_A.dtype == torch.float32
+    b64, a64, bb64 = upcast(base, lora_A, lora_B)
+    ones = torch.ones(out, dtype=torch.float64, device=DEVICE)
+    _, truth = dense_adapter_weight(b64, a64, bb64, ones, scaling)
+    _, baseline = dense_adapter_weight(base, lora_A, lora_B, ones.to(dtype), scaling)
+    assert_within_baseline(norm / truth, baseline.to(torch.float64) / truth, torch.ones_like(truth), dtype, name="n")
+    assert_within_baseline(base_A, base @ lora_A.T, b64 @ a64.T, dtype, name="W0 A^T")
+
+
+@pytest.mark.parametrize("backend", other_backend_params("row_norm"))
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_row_norm_matches_reference(backend, dtype):
+    weight = torch.randn(65, 131, device=DEVICE).to(dtype)
+    assert_matches_reference(ops.row_norm, backend, [weight], rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", other_backend_params("adapter_row_norm"))
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_adapter_row_norm_matches_reference(backend, dtype):
+    args = adapter_inputs(65, 131, 5, dtype)
+    assert_matches_reference(ops.adapter_row_norm, backend, list(args), rtol=1e-5)
