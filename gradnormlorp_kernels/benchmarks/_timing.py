@@ -1,0 +1,138 @@
+"""Timing helpers: `triton.testing.do_bench` on a GPU, a warmed-up timer loop on the CPU."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+
+# Quantiles reported next to the median (as do_bench's `quantiles`).
+LOW_QUANTILE = 0.2
+HIGH_QUANTILE = 0.8
+# The CPU fallback's fewest timed calls: CPU runs check the pipeline, they are not the measurement.
+CPU_MIN_REPEATS = 3
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    low_ms: float
+    high_ms: float
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name: the first part of every result's key."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return "CPU " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU " + (platform.processor() or platform.machine())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clear_grads(tensors: Iterable[torch.Tensor]) -> None:
+    for tensor in tensors:
+        tensor.grad = None
+
+
+def quantile(sorted_values: list[float], q: float) -> float:
+    index = q * (len(sorted_values) - 1)
+    low = int(index)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (index - low)
+
+
+def time_repeated(
+    fn: Callable[[], object],
+    device: torch.device,
+    grad_to_none: Optional[list[torch.Tensor]] = None,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+) -> Timing:
+    """Median and quantiles of `fn`'s run time, gradients of `grad_to_none` cleared before each call
+    (so no call pays for accumulating into the previous call's gradient)."""
+    grad_to_none = list(grad_to_none or [])
+    if device.type == "cuda":
+        import triton.testing
+
+        median, low, high = triton.testing.do_bench(
+            fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+            quantiles=[0.5, LOW_QUANTILE, HIGH_QUANTILE],
+        )
+        return Timing(float(median), float(low), float(high))
+    # do_bench needs a GPU driver; on the CPU: warm up for `warmup_ms` (at least one call), then time
+    # enough calls to fill `rep_ms` (at least CPU_MIN_REPEATS) one by one.
+    samples: list[float] = []
+    deadline = time.perf_counter() + warmup_ms / 1e3
+    for call in range(1_000_000):
+        _clear_grads(grad_to_none)
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+        if time.perf_counter() >= deadline:
+            break
+    estimate = statistics.median(samples)
+    repeats = max(CPU_MIN_REPEATS, int(rep_ms / max(estimate, 1e-3)))
+    samples = []
+    for _ in range(repeats):
+        _clear_grads(grad_to_none)
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    samples.sort()
+    return Timing(statistics.median(samples), quantile(samples, LOW_QUANTILE), quantile(samples, HIGH_QUANTILE))
+
+
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call, from an idle device to its last kernel (CUDA events; host clock on the CPU).
+
+    For calls that change state (an optimizer step), where repeating the same call is not the same work.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
+    start_time = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start_time) * 1e3
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device, grad_to_none: list[torch.Tensor]) -> Optional[int]:
+    """Peak memory allocated during `fn` above what was allocated before it (CUDA only; None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    _clear_grads(grad_to_none)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - before)
+
+
+def release_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()

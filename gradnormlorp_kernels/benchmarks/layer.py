@@ -1,0 +1,129 @@
+"""Layer forward+backward: GradNormLoRPLinear against a frozen nn.Linear (the floor), peft LoRA and DoRA.
+
+Each method gets a fresh random input that requires grad and a fixed random upstream gradient; the
+timed call is `layer(x).backward(grad)` (no loss function), gradients cleared before every call.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import GradNormLoRPLinear, _dispatch
+from . import _timing
+from .results import make_row
+
+BENCHMARK = "layer"
+FROZEN = "nn.Linear (frozen)"
+OURS_ADAPTER = "GradNormLoRP adapter"
+OURS_FULL = "GradNormLoRP full"
+PEFT_LORA = "peft LoRA"
+PEFT_DORA = "peft DoRA"
+# A trained adapter rather than LoRA's B = 0 init, so that no term is trivially zero.
+ADAPTER_B_STD = 0.01
+
+
+@dataclass(frozen=True)
+class LayerSizes:
+    features: int  # in = out
+    tokens: int
+    rank: int
+
+
+SIZES = {
+    "full": LayerSizes(features=4096, tokens=8192, rank=16),
+    "cpu": LayerSizes(features=256, tokens=512, rank=16),
+    "tiny": LayerSizes(features=64, tokens=96, rank=4),
+}
+
+
+class _Holder(nn.Module):
+    """The smallest model peft can wrap: one linear layer."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+
+def _peft_layer(base: nn.Linear, rank: int, dora: bool) -> nn.Module:
+    import peft
+
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["linear"], lora_dropout=0.0, use_dora=dora)
+    model = peft.get_peft_model(_Holder(copy.deepcopy(base)), config)
+    # peft keeps adapters in float32 by default; the benchmark is bf16 throughout.
+    layer = model.base_model.model.linear.to(base.weight.dtype)
+    with torch.no_grad():
+        for name, parameter in layer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, ADAPTER_B_STD)
+    return layer
+
+
+def _ours(base: nn.Linear, rank: int, mode: str) -> nn.Module:
+    layer = GradNormLoRPLinear.from_linear(base, rank=rank, alpha=2 * rank, mode=mode)
+    if mode == "adapter":
+        with torch.no_grad():
+            layer.lora_B.normal_(0.0, ADAPTER_B_STD)
+    return layer
+
+
+def _frozen(base: nn.Linear) -> nn.Module:
+    layer = copy.deepcopy(base)
+    layer.weight.requires_grad_(False)
+    return layer
+
+
+def methods(rank: int) -> dict[str, Callable[[nn.Linear], nn.Module]]:
+    return {
+        FROZEN: _frozen,
+        OURS_ADAPTER: lambda base: _ours(base, rank, "adapter"),
+        OURS_FULL: lambda base: _ours(base, rank, "full"),
+        PEFT_LORA: lambda base: _peft_layer(base, rank, dora=False),
+        PEFT_DORA: lambda base: _peft_layer(base, rank, dora=True),
+    }
+
+
+def _our_backend(device: torch.device, mode: str) -> str:
+    ops = ("adapter_forward", "adapter_backward") if mode == "adapter" else ("full_forward", "full_backward")
+    return "+".join(sorted({_dispatch.select(name, device.type)[0] for name in ops}))
+
+
+def run(sizes: str, device: torch.device, report: Callable[[dict], None]) -> list[dict]:
+    """Time every method; each finished row goes to `report` at once (so a later failure loses nothing)."""
+    size = SIZES[sizes]
+    dtype = torch.bfloat16
+    name = _timing.device_name(device)
+    config = f"D={size.features} T={size.tokens} r={size.rank} bf16"
+    rows = []
+    torch.manual_seed(0)
+    base = nn.Linear(size.features, size.features, bias=False, device=device, dtype=dtype)
+    for method, build in methods(size.rank).items():
+        try:
+            layer = build(base)
+            x = torch.randn(size.tokens, size.features, device=device, dtype=dtype, requires_grad=True)
+            grad = torch.randn(size.tokens, size.features, device=device, dtype=dtype)
+            cleared = [x] + [p for p in layer.parameters() if p.requires_grad]
+
+            def forward_backward() -> None:
+                layer(x).backward(grad)
+
+            timing = _timing.time_repeated(forward_backward, device, grad_to_none=cleared)
+            extra = _timing.peak_extra_bytes(forward_backward, device, cleared)
+            backend = ""
+            if isinstance(layer, GradNormLoRPLinear):
+                backend = _our_backend(device, layer.mode)
+            row = make_row(
+                name, BENCHMARK, config, method, backend=backend, median_ms=timing.median_ms,
+                q20_ms=timing.low_ms, q80_ms=timing.high_ms, peak_extra_bytes=extra,
+            )
+            del layer, x, grad, cleared
+        except Exception as exc:  # one broken method must not cost the others' results
+            row = make_row(name, BENCHMARK, config, method, note=f"failed: {type(exc).__name__}: {exc}"[:300])
+        _timing.release_memory(device)
+        rows.append(row)
+        report(row)
+    return rows
