@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .._dispatch import op
+from .._dispatch import op, register_backend
 from .quant8 import dequantize_blockwise, quantize_blockwise
 
 
@@ -70,3 +70,6 @@ def adam_update(
 @adam_update.custom_op.register_fake
 def _(grad, exp_avg, exp_avg_sq, absmax_avg, absmax_avg_sq, code_signed, code_unsigned, step, skipped, b1, b2, eps):
     return torch.empty_like(grad, dtype=torch.float32)
+
+
+register_backend("adam_update", "triton", "gradnormlorp_kernels.triton.adam_update", "adam_update")

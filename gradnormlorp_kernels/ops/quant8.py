@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from .._dispatch import op
+from .._dispatch import op, register_backend
 
 BLOCK_SIZE = 256
 
@@ -68,3 +68,7 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
 @dequantize_blockwise.custom_op.register_fake
 def _(codes, absmax, code):
     return torch.empty_like(codes, dtype=torch.float32)
+
+
+register_backend("quantize_blockwise", "triton", "gradnormlorp_kernels.triton.quant8", "quantize_blockwise")
+register_backend("dequantize_blockwise", "triton", "gradnormlorp_kernels.triton.quant8", "dequantize_blockwise")

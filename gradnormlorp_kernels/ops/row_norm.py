@@ -2,7 +2,7 @@
 
 import torch
 
-from .._dispatch import op
+from .._dispatch import op, register_backend
 from ._common import NORM_FLOOR, accumulation_dtype
 
 
@@ -49,3 +49,6 @@ def _(base_weight, lora_A, lora_B, scaling):
         base_weight.new_empty(out, lora_A.shape[0], dtype=acc),
     )
 
+
+register_backend("row_norm", "triton", "gradnormlorp_kernels.triton.row_norm", "row_norm")
+register_backend("adapter_row_norm", "triton", "gradnormlorp_kernels.triton.row_norm", "adapter_row_norm")

@@ -1,0 +1,128 @@
+"""Adam's moments updated in place, 8-bit block-wise or float32, without a host synchronisation.
+
+A first kernel decides whether the gradient is finite (a device flag) and advances `step`/`skipped`;
+the update kernel reads that flag, so a non-finite gradient leaves every state untouched.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.adam_update import adam_update as adam_update_op
+from ..ops.quant8 import BLOCK_SIZE, num_blocks
+from .quant8 import _quantize_block, code_midpoints
+
+# float32 states: elements per program of the update kernel, and of the finiteness check.
+_PLAIN_BLOCK = 1024
+_CHECK_BLOCK = 4096
+
+
+@triton.jit
+def _finite_check_kernel(grad_ptr, numel, flags_ptr, step_ptr, skipped_ptr, BLOCK: tl.constexpr):
+    """flags[0] = 1 if any element is non-finite; the last program to finish advances step or skipped.
+
+    flags[1] counts finished programs; the atomics are acquire-release, so the last one sees every flag.
+    """
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.load(grad_ptr + offsets, mask=offsets < numel, other=0.0).to(tl.float32)
+    bad = tl.max(((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32), axis=0)
+    tl.atomic_max(flags_ptr, bad)
+    finished = tl.atomic_add(flags_ptr + 1, 1)
+    if finished == tl.num_programs(0) - 1:
+        nonfinite = tl.atomic_add(flags_ptr, 0).to(tl.float32)
+        tl.store(step_ptr, tl.load(step_ptr) + (1.0 - nonfinite))
+        tl.store(skipped_ptr, tl.load(skipped_ptr) + nonfinite)
+
+
+@triton.jit
+def _adam_update_kernel(
+    grad_ptr, m_ptr, v_ptr, absmax_m_ptr, absmax_v_ptr, code_m_ptr, code_v_ptr, midpoints_m_ptr, midpoints_v_ptr,
+    direction_ptr, flags_ptr, power1_ptr, power2_ptr, numel,
+    beta1_weight, beta2, beta2_complement, eps,
+    LERP_FROM_END: tl.constexpr, QUANTIZED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    block = tl.program_id(0)
+    offsets = block * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    # A block-shaped flag: the interpreter cannot broadcast a scalar mask.
+    finite = (tl.zeros([BLOCK], dtype=tl.int32) + tl.load(flags_ptr)) == 0
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.where(finite, g, 0.0)
+    if QUANTIZED:
+        m_codes = tl.load(m_ptr + offsets, mask=mask, other=0).to(tl.int32)
+        v_codes = tl.load(v_ptr + offsets, mask=mask, other=0).to(tl.int32)
+        m = tl.load(code_m_ptr + m_codes) * tl.load(absmax_m_ptr + block)
+        v = tl.load(code_v_ptr + v_codes) * tl.load(absmax_v_ptr + block)
+    else:
+        m = tl.load(m_ptr + offsets, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offsets, mask=mask, other=0.0)
+    # torch.lerp's two formulas (it picks by |weight| < 0.5), fused as torch fuses them, so the moments
+    # match the reference bit for bit.
+    if LERP_FROM_END:
+        m_new = tl.fma(m - g, 1.0 - beta1_weight, g)
+    else:
+        m_new = tl.fma(beta1_weight, g - m, m)
+    v_new = v * beta2 + beta2_complement * g * g
+    bias1 = 1.0 - tl.load(power1_ptr)
+    bias2 = 1.0 - tl.load(power2_ptr)
+    # Correctly rounded division and root (Triton's defaults are approximate), as torch computes them.
+    direction = tl.div_rn(tl.div_rn(m_new, bias1), tl.sqrt_rn(tl.div_rn(v_new, bias2)) + eps)
+    tl.store(direction_ptr + offsets, tl.where(finite, direction, 0.0), mask=mask)
+    write = mask & finite
+    if QUANTIZED:
+        m_codes_new, m_absmax = _quantize_block(m_new, mask, midpoints_m_ptr)
+        v_codes_new, v_absmax = _quantize_block(v_new, mask, midpoints_v_ptr)
+        tl.store(m_ptr + offsets, m_codes_new.to(tl.uint8), mask=write)
+        tl.store(v_ptr + offsets, v_codes_new.to(tl.uint8), mask=write)
+        block_finite = tl.load(flags_ptr) == 0
+        tl.store(absmax_m_ptr + block, tl.where(block_finite, m_absmax, tl.load(absmax_m_ptr + block)))
+        tl.store(absmax_v_ptr + block, tl.where(block_finite, v_absmax, tl.load(absmax_v_ptr + block)))
+    else:
+        tl.store(m_ptr + offsets, m_new, mask=write)
+        tl.store(v_ptr + offsets, v_new, mask=write)
+
+
+def adam_update(grad, exp_avg, exp_avg_sq, absmax_avg, absmax_avg_sq, code_signed, code_unsigned, step, skipped,
+                beta1, beta2, eps):
+    """Same contract as the reference op; float64 gradients or states take the reference path."""
+    if grad.dtype == torch.float64 or exp_avg.dtype == torch.float64 or step.dtype != torch.float32:
+        return adam_update_op.reference(
+            grad, exp_avg, exp_avg_sq, absmax_avg, absmax_avg_sq, code_signed, code_unsigned, step, skipped,
+            beta1, beta2, eps,
+        )
+    for name, state in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if not state.is_contiguous():
+            raise ValueError(f"{name} must be contiguous to be updated in place")
+    flat_grad = grad.reshape(-1).contiguous()
+    numel = flat_grad.numel()
+    direction = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
+    flags = torch.zeros(2, dtype=torch.int32, device=grad.device)
+    _finite_check_kernel[(max(1, triton.cdiv(numel, _CHECK_BLOCK)),)](
+        flat_grad, numel, flags, step, skipped, BLOCK=_CHECK_BLOCK, num_warps=8
+    )
+    if numel == 0:
+        return direction
+    quantized = absmax_avg is not None
+    if quantized:
+        code_m = code_signed.to(torch.float32).contiguous()
+        code_v = code_unsigned.to(torch.float32).contiguous()
+        midpoints_m, midpoints_v = code_midpoints(code_m), code_midpoints(code_v)
+        absmax_m, absmax_v = absmax_avg, absmax_avg_sq
+        block, grid = BLOCK_SIZE, num_blocks(numel)
+    else:
+        # Unused pointers in the float32 variant: any tensor on the device will do.
+        code_m = code_v = midpoints_m = midpoints_v = absmax_m = absmax_v = flags
+        block, grid = _PLAIN_BLOCK, triton.cdiv(numel, _PLAIN_BLOCK)
+    # beta ** step exactly as the reference's powf (1 - beta2 ** step cancels, so an approximate power
+    # would show), on the device from the step that the check kernel advanced: no host sync.
+    power1 = torch.pow(beta1, step)
+    power2 = torch.pow(beta2, step)
+    weight = 1.0 - beta1
+    _adam_update_kernel[(grid,)](
+        flat_grad, exp_avg, exp_avg_sq, absmax_m, absmax_v, code_m, code_v, midpoints_m, midpoints_v,
+        direction, flags, power1, power2, numel,
+        weight, beta2, 1.0 - beta2, eps,
+        LERP_FROM_END=abs(weight) >= 0.5, QUANTIZED=quantized, BLOCK=block, num_warps=2 if quantized else 4,
+        enable_fp_fusion=False,  # torch rounds each product and sum of the update separately
+    )
+    return direction
