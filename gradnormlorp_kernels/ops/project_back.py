@@ -4,7 +4,7 @@ from typing import Optional
 
 import torch
 
-from .._dispatch import op
+from .._dispatch import op, register_backend
 from ._common import NORM_FLOOR, accumulation_dtype
 
 
@@ -38,3 +38,6 @@ def project_back_update(
 @project_back_update.custom_op.register_fake
 def _(weight, direction, left, right, step_size, decay, gate):
     return weight.new_empty(weight.shape[0], dtype=accumulation_dtype(weight.dtype))
+
+
+register_backend("project_back_update", "triton", "gradnormlorp_kernels.triton.project_back", "project_back_update")

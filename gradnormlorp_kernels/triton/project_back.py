@@ -1,0 +1,88 @@
+"""Project the Adam direction back and update the weight in place, with its new row norms, in one pass."""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops._common import NORM_FLOOR
+from ..ops.project_back import project_back_update as project_back_update_op
+from .rounding import _round_to, bitwise_bf16
+
+
+@triton.jit
+def _project_back_update_kernel(
+    w_ptr, left_ptr, right_ptr, gate_ptr, norm_ptr, rows, cols, rank,
+    stride_w, stride_l0, stride_l1, stride_r0, stride_r1, step_size, decay, floor,
+    LOW_RANK: tl.constexpr, DOT_PRECISION: tl.constexpr, BITWISE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """W <- W (1 - gate decay) - gate step_size (L R) for a block of rows, sweeping the columns once, and
+    the row norms of the stored result. With LOW_RANK the update L (rows, rank) @ R (rank, cols) is formed
+    tile by tile and never written; otherwise `right_ptr` is the full (rows, cols) update."""
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = row < rows
+    gate = tl.load(gate_ptr).to(tl.float32)
+    keep = 1.0 - gate * decay
+    scale = gate * step_size
+    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, cols, BLOCK_N):
+        col = start + tl.arange(0, BLOCK_N)
+        mask = row_mask[:, None] & (col < cols)[None, :]
+        if LOW_RANK:
+            update = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r_start in range(0, rank, BLOCK_R):
+                r = r_start + tl.arange(0, BLOCK_R)
+                r_mask = r < rank
+                left = tl.load(left_ptr + row[:, None] * stride_l0 + r[None, :] * stride_l1,
+                               mask=row_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+                right = tl.load(right_ptr + r[:, None] * stride_r0 + col[None, :] * stride_r1,
+                                mask=r_mask[:, None] & (col < cols)[None, :], other=0.0).to(tl.float32)
+                update += tl.dot(left, right, input_precision=DOT_PRECISION)
+        else:
+            update = tl.load(right_ptr + row[:, None] * stride_r0 + col[None, :] * stride_r1, mask=mask,
+                             other=0.0).to(tl.float32)
+        pointers = w_ptr + row[:, None] * stride_w + col[None, :]
+        w = tl.load(pointers, mask=mask, other=0.0)
+        new = _round_to(w.to(tl.float32) * keep - scale * update, w.dtype, BITWISE_BF16)
+        tl.store(pointers, new, mask=mask)
+        stored = new.to(tl.float32)  # the norm of what the next forward reads, after rounding
+        squares += tl.sum(stored * stored, axis=1)
+    tl.store(norm_ptr + row, tl.maximum(tl.sqrt(squares), floor), mask=row_mask)
+
+
+def project_back_update(weight, direction, left, right, step_size, decay, gate):
+    """Same contract as the reference op; float64 weights take the reference path.
+
+    The update L R is, by projection: left only P @ N, right only N @ Q^T, both (P N) @ Q^T (P N is
+    (out, r), formed first), none N itself. float32 weights use 3xTF32 products (float32 accuracy),
+    narrower weights TF32 (the update is far below one rounding of the weight).
+    """
+    if weight.dtype == torch.float64:
+        return project_back_update_op.reference(weight, direction, left, right, step_size, decay, gate)
+    if weight.stride(1) != 1:
+        raise ValueError("weight must have unit stride along its rows to be updated in place")
+    rows, cols = weight.shape
+    direction = direction.to(torch.float32)
+    if left is not None and right is not None:
+        factor_left, factor_right = left.to(torch.float32) @ direction, right.to(torch.float32).T
+    elif left is not None:
+        factor_left, factor_right = left.to(torch.float32), direction
+    elif right is not None:
+        factor_left, factor_right = direction, right.to(torch.float32).T
+    else:
+        factor_left, factor_right = None, direction.contiguous()
+    low_rank = factor_left is not None
+    rank = factor_left.shape[1] if low_rank else 0
+    norm = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    if rows == 0:
+        return norm
+    block_m = 16 if low_rank else 4
+    _project_back_update_kernel[(triton.cdiv(rows, block_m),)](
+        weight, factor_left if low_rank else factor_right, factor_right, gate, norm, rows, cols, rank,
+        weight.stride(0), factor_left.stride(0) if low_rank else 0, factor_left.stride(1) if low_rank else 0,
+        factor_right.stride(0), factor_right.stride(1), float(step_size), float(decay), NORM_FLOOR,
+        LOW_RANK=low_rank, DOT_PRECISION="tf32x3" if weight.dtype == torch.float32 else "tf32",
+        BITWISE_BF16=bitwise_bf16(weight.dtype),
+        BLOCK_M=block_m, BLOCK_N=128 if low_rank else 512, BLOCK_R=32, num_warps=4,
+    )
+    return norm
