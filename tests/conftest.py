@@ -57,6 +57,11 @@ def other_backend_params(op_name: str, device_type: str = DEVICE) -> list:
     return [pytest.param(b, id=b) for b in others]
 
 
+def interpreted(backend: str) -> bool:
+    """True when `backend` runs under Triton's CPU interpreter (slow: tests keep its sizes small)."""
+    return backend == "triton" and DEVICE == "cpu"
+
+
 def run_op(entry, backend: str, *args):
     """Call op `entry` with `backend` forced and check that backend (not a fallback) was selected."""
     device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")

@@ -1,0 +1,173 @@
+"""Subspace refresh: svd_projector, randomized_projector and orthonormalize."""
+
+import pytest
+import torch
+from conftest import DEVICE, assert_close_scaled, backend_params, other_backend_params, run_op
+
+from gradnormlorp_kernels import ops
+from gradnormlorp_kernels.optimizer import OVERSAMPLE, POWER_ITERS
+
+SIDES = ("left", "right")
+DTYPES = (torch.float64, torch.float32)
+
+
+def with_spectrum(m, n, singular_values, dtype=torch.float64):
+    """An (m, n) matrix with the given singular values and random singular vectors."""
+    k = len(singular_values)
+    u = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64, device=DEVICE)).Q
+    v = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, device=DEVICE)).Q
+    s = torch.as_tensor(singular_values, dtype=torch.float64, device=DEVICE)
+    return ((u * s) @ v.T).to(dtype)
+
+
+def oriented(matrix, side):
+    """The matrix whose column space the projector of `side` spans."""
+    return matrix if side == "left" else matrix.T
+
+
+def assert_orthonormal(projector, tol):
+    p = projector.to(torch.float64)
+    eye = torch.eye(p.shape[1], dtype=torch.float64, device=p.device)
+    assert_close_scaled(p.T @ p, eye, tol, "P^T P")
+
+
+def residual(matrix, projector):
+    g = matrix.to(torch.float64)
+    p = projector.to(torch.float64)
+    return torch.linalg.matrix_norm(g - p @ (p.T @ g)).item()
+
+
+def tolerance(dtype):
+    return 1e-10 if dtype == torch.float64 else 1e-5
+
+
+@pytest.mark.parametrize("backend", backend_params("svd_projector"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("m,n,rank", [(17, 129, 3), (129, 33, 5), (9, 9, 1), (33, 65, 33)])
+def test_svd_projector_is_top_singular_subspace(backend, m, n, rank, side, dtype):
+    # A clear gap after `rank` so the subspace is well defined.
+    values = torch.cat([torch.linspace(10.0, 5.0, rank), torch.linspace(1.0, 0.1, min(m, n) - rank)])
+    matrix = with_spectrum(m, n, values.tolist(), dtype)
+    projector = run_op(ops.svd_projector, backend, matrix, rank, side)
+    rows = m if side == "left" else n
+    assert projector.shape == (rows, rank)
+    assert projector.dtype == dtype
+    assert_orthonormal(projector, tolerance(dtype))
+    u, _, vh = torch.linalg.svd(matrix.to(torch.float64))
+    top = u[:, :rank] if side == "left" else vh[:rank].T
+    p = projector.to(torch.float64)
+    assert_close_scaled(p @ p.T, top @ top.T, 1e-10 if dtype == torch.float64 else 1e-4, "P P^T")
+
+
+@pytest.mark.parametrize("backend", backend_params("randomized_projector"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("m,n,rank", [(17, 129, 3), (129, 33, 5), (65, 65, 1)])
+def test_randomized_captures_exact_low_rank(backend, m, n, rank, side, dtype):
+    low_rank = with_spectrum(m, n, torch.logspace(1, 0, rank).tolist())
+    noise = 1e-9 * torch.randn(m, n, dtype=torch.float64, device=DEVICE)
+    matrix = (low_rank + noise).to(dtype)
+    projector = run_op(ops.randomized_projector, backend, matrix, rank, side, OVERSAMPLE, POWER_ITERS, 1234)
+    rows = m if side == "left" else n
+    assert projector.shape == (rows, rank)
+    assert projector.dtype == dtype
+    assert_orthonormal(projector, tolerance(dtype))
+    target = oriented(matrix, side)
+    relative = residual(target, projector) / torch.linalg.matrix_norm(target.to(torch.float64)).item()
+    assert relative < (1e-7 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params("randomized_projector"))
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("power_iters", [0, POWER_ITERS])
+def test_randomized_near_optimal_on_decaying_spectrum(backend, side, power_iters):
+    m, n, rank = 129, 97, 8
+    values = (torch.arange(1, min(m, n) + 1, dtype=torch.float64) ** -1.0).tolist()
+    matrix = with_spectrum(m, n, values, torch.float32)
+    projector = run_op(ops.randomized_projector, backend, matrix, rank, side, OVERSAMPLE, power_iters, 7)
+    assert_orthonormal(projector, 1e-5)
+    optimal = torch.linalg.svdvals(matrix.to(torch.float64))[rank:].square().sum().sqrt().item()
+    # Halko et al.: a few power iterations bring the range finder close to the SVD's residual.
+    factor = 1.5 if power_iters == 0 else 1.02
+    assert residual(oriented(matrix, side), projector) <= factor * optimal
+
+
+@pytest.mark.parametrize("backend", backend_params("randomized_projector"))
+def test_randomized_is_deterministic_for_a_seed(backend):
+    matrix = torch.randn(65, 33, device=DEVICE)
+    args = (matrix, 4, "left", OVERSAMPLE, POWER_ITERS)
+    first = run_op(ops.randomized_projector, backend, *args, 99)
+    again = run_op(ops.randomized_projector, backend, *args, 99)
+    other = run_op(ops.randomized_projector, backend, *args, 100)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("backend", backend_params("randomized_projector"))
+@pytest.mark.parametrize("side", SIDES)
+def test_randomized_on_zero_matrix(backend, side):
+    matrix = torch.zeros(33, 17, device=DEVICE)
+    projector = run_op(ops.randomized_projector, backend, matrix, 3, side, OVERSAMPLE, POWER_ITERS, 5)
+    assert projector.shape == (33 if side == "left" else 17, 3)
+    assert bool(torch.isfinite(projector).all())
+    assert_orthonormal(projector, 1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params("svd_projector"))
+def test_svd_projector_on_zero_matrix(backend):
+    projector = run_op(ops.svd_projector, backend, torch.zeros(17, 33, device=DEVICE), 3, "right")
+    assert bool(torch.isfinite(projector).all())
+    assert_orthonormal(projector, 1e-5)
+
+
+@pytest.mark.parametrize("entry", [ops.randomized_projector, ops.svd_projector], ids=lambda e: e.op_name)
+def test_projector_rejects_unknown_side(entry):
+    extra = (OVERSAMPLE, POWER_ITERS, 0) if entry is ops.randomized_projector else ()
+    with pytest.raises(ValueError, match="side"):
+        entry(torch.randn(9, 5), 2, "top", *extra)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", [(17, 3), (129, 9), (5, 5)])
+def test_orthonormalize_full_rank(m, k, dtype):
+    y = torch.randn(m, k, dtype=dtype, device=DEVICE)
+    q = ops.orthonormalize(y)
+    assert q.shape == (m, k)
+    assert_orthonormal(q, tolerance(dtype))
+    q64 = q.to(torch.float64)
+    y64 = y.to(torch.float64)
+    assert_close_scaled(q64 @ (q64.T @ y64), y64, tolerance(dtype), "span")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_orthonormalize_rank_deficient(dtype):
+    basis = torch.randn(33, 2, dtype=dtype, device=DEVICE)
+    # Columns 3..5 repeat combinations of the first two, the last one is zero.
+    y = torch.cat([basis, basis @ torch.randn(2, 3, dtype=dtype, device=DEVICE), torch.zeros(33, 1, dtype=dtype)], 1)
+    q = ops.orthonormalize(y)
+    assert q.shape == (33, 6)
+    assert bool(torch.isfinite(q).all())
+    assert_orthonormal(q, tolerance(dtype))
+    q64 = q.to(torch.float64)
+    y64 = y.to(torch.float64)
+    assert_close_scaled(q64 @ (q64.T @ y64), y64, tolerance(dtype), "span")
+
+
+@pytest.mark.parametrize("backend", other_backend_params("svd_projector"))
+def test_svd_projector_matches_reference(backend):
+    matrix = with_spectrum(65, 33, torch.cat([torch.full((4,), 10.0), torch.linspace(1, 0.1, 29)]).tolist())
+    ours = run_op(ops.svd_projector, backend, matrix.float(), 4, "left").double()
+    expected = ops.svd_projector.reference(matrix.float(), 4, "left").double()
+    assert_close_scaled(ours @ ours.T, expected @ expected.T, 1e-4, "P P^T")
+
+
+@pytest.mark.parametrize("backend", other_backend_params("randomized_projector"))
+def test_randomized_projector_matches_reference_subspace(backend):
+    # Random streams may differ between backends; the captured subspace of a gapped matrix may not.
+    matrix = with_spectrum(65, 33, torch.cat([torch.full((4,), 10.0), torch.linspace(1e-3, 1e-4, 29)]).tolist())
+    args = (matrix.float(), 4, "right", OVERSAMPLE, POWER_ITERS, 3)
+    ours = run_op(ops.randomized_projector, backend, *args).double()
+    expected = ops.randomized_projector.reference(*args).double()
+    assert_close_scaled(ours @ ours.T, expected @ expected.T, 1e-4, "P P^T")
+
