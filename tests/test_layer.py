@@ -9,7 +9,21 @@ import pytest
 import torch
 from torch import nn
 
-from gradnormlorp_kernels import GradNormLoRPLinear
+from gradnormlorp_kernels import GradNormLoRPLinear, use_backend
+
+@pytest.fixture(autouse=True)
+def _backend(request):
+    """Reference ops by default (fast on CPU, where Triton runs interpreted); tests that take the
+    `dispatched` fixture run with whatever backend the dispatcher picks (Triton's interpreter in CI)."""
+    with use_backend("auto" if "dispatched" in request.fixturenames else "reference"):
+        yield
+
+
+@pytest.fixture
+def dispatched():
+    """Marker fixture: run this test through the dispatcher's own backend choice."""
+    return None
+
 
 MODES = ("adapter", "full")
 # (in_features, out_features, rank): odd sizes, ranks at both ends of [1, min(in, out)].
@@ -188,7 +202,7 @@ def _low_precision_case(mode, dtype, in_f, out_f, rank, seed):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("in_f,out_f,rank", [(129, 17, 4), (17, 129, 8), (64, 48, 16)])
-def test_low_precision_within_baseline_error(mode, dtype, in_f, out_f, rank):
+def test_low_precision_within_baseline_error(mode, dtype, in_f, out_f, rank, dispatched):
     """Error vs float64 truth no worse than a few times autograd's through the dense formula in `dtype`."""
     seed = zlib.crc32(repr((mode, dtype, in_f, out_f, rank)).encode()) % 10_000
     layer, layer64, x, g = _low_precision_case(mode, dtype, in_f, out_f, rank, seed)
@@ -211,7 +225,7 @@ def test_low_precision_within_baseline_error(mode, dtype, in_f, out_f, rank):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_from_linear_starts_equal(mode, dtype, bias):
+def test_from_linear_starts_equal(mode, dtype, bias, dispatched):
     linear = nn.Linear(33, 17, bias=bias, dtype=dtype)
     layer = GradNormLoRPLinear.from_linear(linear, rank=5, alpha=7, mode=mode)
     eps = torch.finfo(dtype).eps
