@@ -4,7 +4,7 @@ from typing import Optional
 
 import torch
 
-from .._dispatch import op
+from .._dispatch import op, register_backend
 from ._common import accumulation_dtype
 from .norm_coefficients import norm_coefficients
 
@@ -80,3 +80,7 @@ def adapter_backward(
 @adapter_backward.custom_op.register_fake
 def _(grad_out, x, out, x_A, base_weight, base_A, lora_A, lora_B, magnitude, norm, bias, scaling, detach_norm):
     return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B), torch.empty_like(magnitude)
+
+
+register_backend("adapter_forward", "triton", "gradnormlorp_kernels.triton.linear", "adapter_forward")
+register_backend("adapter_backward", "triton", "gradnormlorp_kernels.triton.linear", "adapter_backward")

@@ -4,7 +4,7 @@ from typing import Optional
 
 import torch
 
-from .._dispatch import op
+from .._dispatch import op, register_backend
 from ._common import accumulation_dtype
 from .norm_coefficients import norm_coefficients
 
@@ -48,3 +48,7 @@ def full_backward(
 @full_backward.custom_op.register_fake
 def _(grad_out, x, out, direction, magnitude, norm, bias, detach_norm):
     return torch.empty_like(x), torch.empty_like(direction), torch.empty_like(magnitude)
+
+
+register_backend("full_forward", "triton", "gradnormlorp_kernels.triton.linear", "full_forward")
+register_backend("full_backward", "triton", "gradnormlorp_kernels.triton.linear", "full_backward")

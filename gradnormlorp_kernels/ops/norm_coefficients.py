@@ -4,7 +4,7 @@ from typing import Optional
 
 import torch
 
-from .._dispatch import op
+from .._dispatch import op, register_backend
 from ._common import accumulation_dtype
 
 
@@ -44,3 +44,6 @@ def _(grad_out, out, bias, magnitude, norm, detach_norm):
     acc = accumulation_dtype(grad_out.dtype)
     rows = magnitude.shape[0]
     return tuple(magnitude.new_empty(rows, dtype=acc) for _ in range(3))
+
+
+register_backend("norm_coefficients", "triton", "gradnormlorp_kernels.triton.norm_coefficients", "norm_coefficients")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .._dispatch import op
+from .._dispatch import op, register_backend
 from ._common import accumulation_dtype
 
 
@@ -53,3 +53,6 @@ def _(grad_out, x, direction, row_scale, c2, left, right):
 def grad_sketch(grad_out, x, direction, row_scale, c2, omega):
     """`dV Omega` (out, k) for the randomized range finder, without the full gradient."""
     return projected_grad(grad_out, x, direction, row_scale, c2, None, omega)
+
+
+register_backend("projected_grad", "triton", "gradnormlorp_kernels.triton.linear", "projected_grad")
