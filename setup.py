@@ -1,4 +1,18 @@
-"""Build of gradnormlorp_kernels. The compiled extension `gradnormlorp_kernels._C` grows here."""
+"""Build of gradnormlorp_kernels, with its compiled extension `gradnormlorp_kernels._C`.
+
+The extension (csrc/) is built with torch's cpp_extension against the torch in the build environment
+(build with --no-build-isolation): C++ kernels always, CUDA kernels too when that torch has CUDA and
+nvcc is found. Environment:
+  GRADNORMLORP_NO_EXTENSION=1       pure-Python package (the reference and Triton backends only)
+  GRADNORMLORP_NO_CUDA=1            C++ kernels only, even where CUDA could be built
+  GRADNORMLORP_REQUIRE_EXTENSION=1  fail the build if the extension fails (CI); otherwise a failed
+                                    extension build leaves a working package without it
+  TORCH_CUDA_ARCH_LIST              GPU architectures (default "8.0;8.6;8.9;9.0")
+"""
+
+import glob
+import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -16,6 +30,64 @@ EXTRAS = {
 }
 EXTRAS["dev"] = sorted(set(EXTRAS["bench"]) | set(EXTRAS["test"]))
 
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+CSRC = "csrc/gradnormlorp_kernels"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def _extension_build():
+    """(ext_modules, cmdclass) for the compiled extension, or nothing for a pure-Python build."""
+    if _flag("GRADNORMLORP_NO_EXTENSION"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        if _flag("GRADNORMLORP_REQUIRE_EXTENSION"):
+            raise
+        print("gradnormlorp: torch is not importable at build time, building without the extension "
+              "(build with --no-build-isolation to get it)", file=sys.stderr)
+        return [], {}
+
+    class OptionalBuildExtension(BuildExtension):
+        """A compiler problem costs the compiled backends, not the package (unless the build requires them)."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                if _flag("GRADNORMLORP_REQUIRE_EXTENSION"):
+                    raise
+                print(f"gradnormlorp: building {ext.name} failed ({exc}); the package works without it "
+                      "(gradnormlorp_kernels.backends() says so)", file=sys.stderr)
+
+    sources = sorted(glob.glob(f"{CSRC}/*.cpp"))
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("GRADNORMLORP_NO_CUDA")
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        extension = CUDAExtension(
+            "gradnormlorp_kernels._C",
+            sources + sorted(glob.glob(f"{CSRC}/*.cu")),
+            define_macros=[("GRADNORMLORP_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--fmad=false"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        extension = CppExtension(
+            "gradnormlorp_kernels._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    return [extension], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+
+
+EXT_MODULES, CMDCLASS = _extension_build()
+
 setup(
     name="gradnormlorp-kernels",
     version="0.1.0",
@@ -27,4 +99,6 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["gradnormlorp=gradnormlorp_kernels.cli:main"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
 )

@@ -73,3 +73,5 @@ def _(grad, exp_avg, exp_avg_sq, absmax_avg, absmax_avg_sq, code_signed, code_un
 
 
 register_backend("adam_update", "triton", "gradnormlorp_kernels.triton.adam_update", "adam_update")
+register_backend("adam_update", "cpu", "gradnormlorp_kernels._extension", "cpu_adam_update")
+register_backend("adam_update", "cuda", "gradnormlorp_kernels._extension", "cuda_adam_update")

@@ -41,3 +41,5 @@ def _(weight, direction, left, right, step_size, decay, gate):
 
 
 register_backend("project_back_update", "triton", "gradnormlorp_kernels.triton.project_back", "project_back_update")
+register_backend("project_back_update", "cpu", "gradnormlorp_kernels._extension", "cpu_project_back_update")
+register_backend("project_back_update", "cuda", "gradnormlorp_kernels._extension", "cuda_project_back_update")

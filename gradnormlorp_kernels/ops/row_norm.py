@@ -52,3 +52,7 @@ def _(base_weight, lora_A, lora_B, scaling):
 
 register_backend("row_norm", "triton", "gradnormlorp_kernels.triton.row_norm", "row_norm")
 register_backend("adapter_row_norm", "triton", "gradnormlorp_kernels.triton.row_norm", "adapter_row_norm")
+register_backend("row_norm", "cpu", "gradnormlorp_kernels._extension", "cpu_row_norm")
+register_backend("row_norm", "cuda", "gradnormlorp_kernels._extension", "cuda_row_norm")
+register_backend("adapter_row_norm", "cpu", "gradnormlorp_kernels._extension", "cpu_adapter_row_norm")
+register_backend("adapter_row_norm", "cuda", "gradnormlorp_kernels._extension", "cuda_adapter_row_norm")

@@ -1,0 +1,49 @@
+// Shared by the CPU and CUDA kernels: input checks and the constants the reference ops fix (block
+// size of the 8-bit states, the norm floor).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace gradnormlorp {
+
+// bitsandbytes' block-wise layout: one float32 absmax per 256 consecutive elements.
+constexpr int64_t kQuantBlock = 256;
+// Entries in a dynamic quantisation map (one per uint8 code).
+constexpr int64_t kCodeSize = 256;
+// Row norms are clamped here, as in the reference (a zero row would make M / n a 0 / 0).
+constexpr double kNormFloor = 1e-12;
+
+inline int64_t num_quant_blocks(int64_t numel) { return (numel + kQuantBlock - 1) / kQuantBlock; }
+
+// float64 stays float64 (the exactness tests); everything narrower accumulates in float32.
+inline c10::ScalarType accumulation_type(c10::ScalarType dtype) {
+  return dtype == c10::kDouble ? c10::kDouble : c10::kFloat;
+}
+
+inline void check_device(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK(t.device() == like.device(), name, " must be on the same device as ", like_name, " (", like.device(),
+              "), got ", t.device());
+}
+
+inline void check_dtype(const at::Tensor& t, const char* name, c10::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == c10::kFloat || s == c10::kDouble || s == c10::kBFloat16 || s == c10::kHalf, name,
+              " must be float32, float64, bfloat16 or float16, got ", s);
+}
+
+inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+// Tensors the kernels write in place cannot be made contiguous behind the caller's back.
+inline void check_contiguous_inplace(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, " is updated in place and must be contiguous (got strides ", t.strides(),
+              ")");
+}
+
+}  // namespace gradnormlorp
