@@ -139,11 +139,21 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         _choice("state_bits", group["state_bits"], STATE_BITS)
 
     def add_param_group(self, param_group: dict) -> None:
+        # A GaLore-style group (one with "rank") is projected whether it comes through the constructor or here.
+        if isinstance(param_group, dict) and "project" not in param_group:
+            param_group = {**param_group, "project": "rank" in param_group}
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._check_group(merged)
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        for p in group["params"]:
+        # Check every parameter before torch adds the group, so a rejected group changes nothing.
+        params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("optimizer params must be an ordered collection (a list or tuple), not a set")
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group = {**param_group, "params": params}
+        group = merged
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"optimizer params must be tensors, got {type(p).__name__}")
             if p.is_sparse:
                 raise ValueError("GradNormLoRPAdamW does not support sparse parameters")
             if group["project"]:
@@ -157,6 +167,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                         f"rank={group['rank']} is larger than the {tuple(p.shape)} matrix allows "
                         f"(at most {min(p.shape)})"
                     )
+        super().add_param_group(param_group)
 
     # ---- per-matrix logic, callable one matrix at a time (the in-backward update reuses it) ----
 
