@@ -15,6 +15,13 @@ LOW_QUANTILE = 0.2
 HIGH_QUANTILE = 0.8
 # The CPU fallback's fewest timed calls: CPU runs check the pipeline, they are not the measurement.
 CPU_MIN_REPEATS = 3
+# Warm-up and measurement time (ms) per problem size; "tiny" (tests) takes the fewest calls.
+WINDOWS_MS = {"full": (25.0, 100.0), "cpu": (25.0, 100.0), "tiny": (0.0, 0.0)}
+
+
+def windows(sizes: str) -> dict:
+    warmup_ms, rep_ms = WINDOWS_MS[sizes]
+    return {"warmup_ms": warmup_ms, "rep_ms": rep_ms}
 
 
 @dataclass

@@ -157,11 +157,11 @@ def cases(size: BandwidthSizes, device) -> list[tuple[str, Callable[[], Case]]]:
     return found
 
 
-def measure_copy(size: BandwidthSizes, device: torch.device) -> tuple[float, _timing.Timing]:
+def measure_copy(size: BandwidthSizes, device: torch.device, window: dict) -> tuple[float, _timing.Timing]:
     """(GB/s, timing) of copying a `copy_bytes` tensor: bytes read + bytes written over the median time."""
     source = torch.empty(size.copy_bytes // 4, device=device, dtype=torch.float32).uniform_()
     target = torch.empty_like(source)
-    timing = _timing.time_repeated(lambda: target.copy_(source), device)
+    timing = _timing.time_repeated(lambda: target.copy_(source), device, **window)
     return 2 * size.copy_bytes / (timing.median_ms * 1e6), timing
 
 
@@ -174,7 +174,7 @@ def run(sizes: str, device: torch.device, report: Callable[[dict], None]) -> lis
     size = SIZES[sizes]
     name = _timing.device_name(device)
     rows = []
-    copy_gbps, timing = measure_copy(size, device)
+    copy_gbps, timing = measure_copy(size, device, _timing.windows(sizes))
     row = make_row(
         name, BENCHMARK, f"{size.copy_bytes >> 20} MiB fp32", COPY, backend="torch", median_ms=timing.median_ms,
         q20_ms=timing.low_ms, q80_ms=timing.high_ms, bytes_moved=2 * size.copy_bytes, gbps=copy_gbps,
@@ -193,7 +193,7 @@ def run(sizes: str, device: torch.device, report: Callable[[dict], None]) -> lis
                 case = build()
                 with use_backend(backend):
                     case.call()  # compiles and warms up outside the timing
-                    timing = _timing.time_repeated(case.call, device)
+                    timing = _timing.time_repeated(case.call, device, **_timing.windows(sizes))
                 moved = case.bytes_moved()
                 gbps = moved / (timing.median_ms * 1e6)
                 row = make_row(

@@ -111,7 +111,7 @@ def run(sizes: str, device: torch.device, report: Callable[[dict], None]) -> lis
             def forward_backward() -> None:
                 layer(x).backward(grad)
 
-            timing = _timing.time_repeated(forward_backward, device, grad_to_none=cleared)
+            timing = _timing.time_repeated(forward_backward, device, grad_to_none=cleared, **_timing.windows(sizes))
             extra = _timing.peak_extra_bytes(forward_backward, device, cleared)
             backend = ""
             if isinstance(layer, GradNormLoRPLinear):

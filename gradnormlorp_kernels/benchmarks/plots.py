@@ -76,7 +76,8 @@ FIGURES = {
 
 
 def make_plots(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
-    """One PNG per (device, benchmark, config) in the CSV (bandwidth: per device); returns their paths."""
+    """One PNG per (device, benchmark, config) in the CSV (bandwidth: per device), named
+    `<benchmark>-<device>.png`; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +99,9 @@ def make_plots(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
                 title = f"{benchmark} — {device}" + (f"\n{config}" if config else "")
                 figure = draw(plt, config_rows, title)
                 figure.tight_layout()
-                name = "-".join(part for part in (benchmark, _slug(device), _slug(config)[:60]) if part)
+                # The config joins the name only where a device has several configs of one benchmark.
+                parts = (benchmark, _slug(device), _slug(config) if len(groups) > 1 else "")
+                name = "-".join(part for part in parts if part)
                 path = out_dir / f"{name}.png"
                 figure.savefig(path, dpi=110)
                 plt.close(figure)

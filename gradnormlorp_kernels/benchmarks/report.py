@@ -209,15 +209,22 @@ SECTIONS = {
 }
 
 
-def render(rows: list[dict], csv_name: str, regenerate: str) -> str:
+NOTES_FILE = "NOTES.md"
+
+
+def render(rows: list[dict], csv_name: str, regenerate: str, notes: str = "") -> str:
+    """The markdown; `notes` (what the numbers mean, where a target was missed and why) goes first."""
     lines = [
         "# Benchmark results",
         "",
         f"Generated from `{csv_name}` (one row per device, benchmark, configuration and method; a re-run "
         f"replaces its rows) by `{regenerate}`. Times in milliseconds unless marked; ratios are taken "
         "between rows measured in the same run on the same device. The plots next to this file are drawn "
-        "from the same CSV.",
+        f"from the same CSV. Notes written by people live in `{NOTES_FILE}` next to this file and are "
+        "copied in below.",
     ]
+    if notes.strip():
+        lines += ["", "## Notes", "", notes.strip()]
     devices = sorted({row["device"] for row in rows}, key=lambda d: (d.startswith("CPU"), d))
     for device in devices:
         device_rows = [row for row in rows if row["device"] == device]
@@ -252,5 +259,7 @@ def render(rows: list[dict], csv_name: str, regenerate: str) -> str:
 def write_report(csv_path: str | Path, md_path: str | Path, regenerate: str) -> Path:
     md_path = Path(md_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(render(read_rows(csv_path), Path(csv_path).name, regenerate), encoding="utf-8")
+    notes_path = md_path.parent / NOTES_FILE
+    notes = notes_path.read_text(encoding="utf-8") if notes_path.exists() else ""
+    md_path.write_text(render(read_rows(csv_path), Path(csv_path).name, regenerate, notes), encoding="utf-8")
     return md_path
