@@ -53,11 +53,19 @@ def wrap(
     their direction and magnitude. Raises if nothing matched, so a typo cannot train nothing.
     """
     check_mode(mode)
+    if isinstance(model, nn.Linear):
+        raise TypeError("wrap(model) replaces the linear layers inside a model; for a single nn.Linear use "
+                        "GradNormLoRPLinear.from_linear(linear, ...)")
     selected = _selector(target_modules)
+    # A module reachable under several names (shared between two places) gets one replacement, set at every name.
+    names_of: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and isinstance(module, nn.Linear) and not isinstance(module, GradNormLoRPLinear):
+            names_of.setdefault(id(module), []).append(name)
+            modules[id(module)] = module
     targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not isinstance(module, GradNormLoRPLinear) and selected(name)
+        (names, modules[key]) for key, names in names_of.items() if any(selected(name) for name in names)
     ]
     if not targets:
         linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -66,16 +74,15 @@ def wrap(
             f"{linear_names[:20]}{' ...' if len(linear_names) > 20 else ''}"
         )
     replacements = [
-        (name, GradNormLoRPLinear._from_linear(module, rank, alpha, mode, detach_norm, share=True))
-        for name, module in targets
+        (names, GradNormLoRPLinear._from_linear(module, rank, alpha, mode, detach_norm, share=True))
+        for names, module in targets
     ]
     if mode == "adapter":
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-    for name, layer in replacements:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
+    for names, layer in replacements:
+        for name in names:
+            _replace(model, name, layer)
         if mode == "adapter":
             for parameter in (layer.lora_A, layer.lora_B, layer.magnitude):
                 parameter.requires_grad_(True)
@@ -86,9 +93,16 @@ def merge(model: nn.Module) -> nn.Module:
     """Replace every `GradNormLoRPLinear` in `model` (or `model` itself) by a plain `nn.Linear`; returns the model."""
     if isinstance(model, GradNormLoRPLinear):
         return model.merge()
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, GradNormLoRPLinear)]
+    merged: dict[int, nn.Linear] = {}  # a shared layer merges once, into one shared nn.Linear
+    layers = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, GradNormLoRPLinear)]
     for name, layer in layers:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.merge())
+        if id(layer) not in merged:
+            merged[id(layer)] = layer.merge()
+        _replace(model, name, merged[id(layer)])
     return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

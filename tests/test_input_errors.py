@@ -251,3 +251,11 @@ def test_optimizer_needs_parameters():
     frozen = nn.Linear(4, 4).requires_grad_(False)
     with pytest.raises(ValueError, match="empty parameter list"):
         GradNormLoRPAdamW(frozen)
+
+
+def test_wrap_a_single_linear_points_to_from_linear():
+    linear = nn.Linear(4, 4)
+    before = snapshot(linear)
+    with pytest.raises(TypeError, match=r"GradNormLoRPLinear\.from_linear"):
+        gk.wrap(linear)
+    assert_unchanged(linear, before)

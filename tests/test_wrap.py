@@ -278,3 +278,41 @@ def test_full_mode_wrap_does_not_alias_state_dict_keys():
     assert "block.0.direction" in wrapped and "block.0.magnitude" in wrapped and "block.0.weight" not in wrapped
     gk.merge(model)
     assert set(model.state_dict()) == keys
+
+
+class SharedLinear(nn.Module):
+    """One nn.Linear used in two places (weight sharing by module reuse)."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.Linear(8, 8)
+        self.first = nn.Sequential(shared, nn.Tanh())
+        self.second = nn.Sequential(shared, nn.Tanh())
+        self.other = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.other(self.second(self.first(x)))
+
+
+@pytest.mark.parametrize("mode", ["adapter", "full"])
+@pytest.mark.parametrize("target", ["all-linear", ["second.0"], ["first.0"]])
+def test_shared_module_is_replaced_everywhere(mode, target):
+    model = SharedLinear()
+    x = torch.randn(3, 8)
+    before = model(x).detach()
+    gk.wrap(model, target, rank=2, mode=mode)
+    assert isinstance(model.first[0], GradNormLoRPLinear) and model.first[0] is model.second[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+    # Train it: both uses see the one trained layer, and merge keeps them shared.
+    opt = GradNormLoRPAdamW(model, lr=5e-2, rank=2, state_bits=32)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    trained = model(x).detach()
+    assert not torch.allclose(trained, before)
+    gk.merge(model)
+    assert type(model.first[0]) is nn.Linear and model.first[0] is model.second[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trained, rtol=1e-5, atol=1e-6)
