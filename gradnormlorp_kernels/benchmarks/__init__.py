@@ -69,9 +69,15 @@ def _regenerate(csv_path: Path, out_dir: Path, with_plots: bool) -> None:
     )
     written = report.write_report(csv_path, out_dir / "RESULTS.md", regenerate)
     print(f"wrote {written}", flush=True)
-    if with_plots:
-        for path in plots.make_plots(csv_path, out_dir):
-            print(f"wrote {path}", flush=True)
+    if not with_plots:
+        return
+    try:
+        written_plots = plots.make_plots(csv_path, out_dir)
+    except ImportError as exc:  # plots are optional: bench/plot.py draws them later from the same CSV
+        print(f"no plots ({exc}); draw them later with bench/plot.py --csv {csv_path}", flush=True)
+        return
+    for path in written_plots:
+        print(f"wrote {path}", flush=True)
 
 
 def main(args: argparse.Namespace) -> int:

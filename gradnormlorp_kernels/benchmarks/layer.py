@@ -92,35 +92,36 @@ def _our_backend(device: torch.device, mode: str) -> str:
     return "+".join(sorted({_dispatch.select(name, device.type)[0] for name in ops}))
 
 
+def _measure(layer: nn.Module, size: LayerSizes, sizes: str, device: torch.device) -> dict:
+    """Timing and peak extra memory of `layer(x).backward(grad)`, as result columns."""
+    dtype = torch.bfloat16
+    x = torch.randn(size.tokens, size.features, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(size.tokens, size.features, device=device, dtype=dtype)
+    cleared = [x] + [p for p in layer.parameters() if p.requires_grad]
+
+    def forward_backward() -> None:
+        layer(x).backward(grad)
+
+    timing = _timing.time_repeated(forward_backward, device, grad_to_none=cleared, **_timing.windows(sizes))
+    extra = _timing.peak_extra_bytes(forward_backward, device, cleared)
+    backend = _our_backend(device, layer.mode) if isinstance(layer, GradNormLoRPLinear) else ""
+    return dict(
+        backend=backend, median_ms=timing.median_ms, q20_ms=timing.low_ms, q80_ms=timing.high_ms,
+        peak_extra_bytes=extra,
+    )
+
+
 def run(sizes: str, device: torch.device, report: Callable[[dict], None]) -> list[dict]:
     """Time every method; each finished row goes to `report` at once (so a later failure loses nothing)."""
     size = SIZES[sizes]
-    dtype = torch.bfloat16
     name = _timing.device_name(device)
     config = f"D={size.features} T={size.tokens} r={size.rank} bf16"
     rows = []
     torch.manual_seed(0)
-    base = nn.Linear(size.features, size.features, bias=False, device=device, dtype=dtype)
+    base = nn.Linear(size.features, size.features, bias=False, device=device, dtype=torch.bfloat16)
     for method, build in methods(size.rank).items():
         try:
-            layer = build(base)
-            x = torch.randn(size.tokens, size.features, device=device, dtype=dtype, requires_grad=True)
-            grad = torch.randn(size.tokens, size.features, device=device, dtype=dtype)
-            cleared = [x] + [p for p in layer.parameters() if p.requires_grad]
-
-            def forward_backward() -> None:
-                layer(x).backward(grad)
-
-            timing = _timing.time_repeated(forward_backward, device, grad_to_none=cleared, **_timing.windows(sizes))
-            extra = _timing.peak_extra_bytes(forward_backward, device, cleared)
-            backend = ""
-            if isinstance(layer, GradNormLoRPLinear):
-                backend = _our_backend(device, layer.mode)
-            row = make_row(
-                name, BENCHMARK, config, method, backend=backend, median_ms=timing.median_ms,
-                q20_ms=timing.low_ms, q80_ms=timing.high_ms, peak_extra_bytes=extra,
-            )
-            del layer, x, grad, cleared
+            row = make_row(name, BENCHMARK, config, method, **_measure(build(base), size, sizes, device))
         except Exception as exc:  # one broken method must not cost the others' results
             row = make_row(name, BENCHMARK, config, method, note=f"failed: {type(exc).__name__}: {exc}"[:300])
         _timing.release_memory(device)

@@ -158,6 +158,34 @@ def _config(size: OptimizerSizes, shapes: list[tuple[int, int]]) -> str:
     )
 
 
+def _measure(optimizer: torch.optim.Optimizer, params: list, gap: int, device: torch.device) -> dict:
+    """The first step, then one refresh window of `gap` steps timed one by one, as result columns."""
+
+    def step() -> None:
+        optimizer.step()
+
+    def fresh_gradients() -> None:
+        for p in params:
+            p.grad = torch.randn_like(p)
+
+    fresh_gradients()
+    first = _timing.time_once(step, device)
+    window = []
+    for _ in range(gap):
+        fresh_gradients()
+        window.append(_timing.time_once(step, device))
+    ordered = sorted(window)
+    backend = ""
+    if isinstance(optimizer, GradNormLoRPAdamW):
+        backend = "+".join(sorted({_dispatch.select(op, device.type)[0] for op in ("adam_update", "project_back_update")}))
+    return dict(
+        backend=backend, median_ms=statistics.median(window),
+        q20_ms=_timing.quantile(ordered, _timing.LOW_QUANTILE), q80_ms=_timing.quantile(ordered, _timing.HIGH_QUANTILE),
+        slowest_ms=ordered[-1], amortized_ms=statistics.fmean(window), first_step_ms=first,
+        state_bytes=state_bytes(optimizer),
+    )
+
+
 def run(
     sizes: str, device: torch.device, report: Callable[[dict], None], budget_s: float | None = None
 ) -> list[dict]:
@@ -178,49 +206,21 @@ def run(
         family = "galore" if factory in (_galore, _galore8) else factory.__name__
         predicted = cost.get(family, 0.0)
         if elapsed + predicted > budget_s:
-            row = make_row(
-                name, BENCHMARK, config, method,
-                note=f"skipped: {elapsed:.0f}s spent, about {predicted:.0f}s more would pass the {budget_s:.0f}s budget",
-            )
-            rows.append(row)
-            report(row)
-            continue
-        method_started = time.perf_counter()
-        try:
-            params = [torch.nn.Parameter(w.clone()) for w in weights]
-            optimizer = factory(params, rank, size.gap, device)
-
-            def step() -> None:
-                optimizer.step()
-
-            def fresh_gradients() -> None:
-                for p in params:
-                    p.grad = torch.randn_like(p)
-
-            fresh_gradients()
-            first = _timing.time_once(step, device)
-            window = []
-            for _ in range(size.gap):
-                fresh_gradients()
-                window.append(_timing.time_once(step, device))
-            ordered = sorted(window)
-            backend = ""
-            if isinstance(optimizer, GradNormLoRPAdamW):
-                used = {_dispatch.select(op, device.type)[0] for op in ("adam_update", "project_back_update")}
-                backend = "+".join(sorted(used))
-            row = make_row(
-                name, BENCHMARK, config, method, backend=backend,
-                median_ms=statistics.median(window),
-                q20_ms=_timing.quantile(ordered, _timing.LOW_QUANTILE),
-                q80_ms=_timing.quantile(ordered, _timing.HIGH_QUANTILE),
-                slowest_ms=ordered[-1], amortized_ms=statistics.fmean(window), first_step_ms=first,
-                state_bytes=state_bytes(optimizer),
-            )
-            del optimizer, params
-            cost[family] = time.perf_counter() - method_started
-        except Exception as exc:  # one broken method must not cost the others' results
-            row = make_row(name, BENCHMARK, config, method, note=f"failed: {type(exc).__name__}: {exc}"[:300])
-        _timing.release_memory(device)
+            note = f"skipped: {elapsed:.0f}s spent, about {predicted:.0f}s more would pass the {budget_s:.0f}s budget"
+            row = make_row(name, BENCHMARK, config, method, note=note)
+        else:
+            method_started = time.perf_counter()
+            try:
+                params = [torch.nn.Parameter(w.clone()) for w in weights]
+                row = make_row(
+                    name, BENCHMARK, config, method, **_measure(factory(params, rank, size.gap, device), params,
+                                                                size.gap, device),
+                )
+                del params
+                cost[family] = time.perf_counter() - method_started
+            except Exception as exc:  # one broken method must not cost the others' results
+                row = make_row(name, BENCHMARK, config, method, note=f"failed: {type(exc).__name__}: {exc}"[:300])
+            _timing.release_memory(device)
         rows.append(row)
         report(row)
     return rows
