@@ -1,0 +1,296 @@
+"""The Triton kernels on a real GPU at real shapes, against the reference ops and a float64 truth.
+
+Each test compares the Triton op with the reference op run in the same low precision on the GPU (the
+PyTorch baseline) and with a float64 truth: Triton may be at most `FACTOR` times further from the truth
+than the baseline. Run on the device machine: `python -m pytest -m gpu tests/test_triton_gpu.py`.
+`python tests/test_triton_gpu.py` prints median timings of every Triton op against its reference, and the
+achieved bandwidth of the memory-bound ones against the measured device-to-device copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from conftest import assert_within_baseline, clone_args, run_op, scaled_error
+
+from gradnormlorp_kernels import ops
+
+pytestmark = pytest.mark.gpu
+
+FACTOR = 4.0
+D, T, RANK, PROJECTOR_RANK = 4096, 8192, 16, 128
+
+
+def _cuda(*shape, dtype=torch.bfloat16, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+
+def _float64(args):
+    return [a.to(torch.float64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+def _check_against_baseline(entry, args, dtype, names=None):
+    """Triton vs the reference on copies of `args`, both measured against the float64 reference."""
+    ours = run_op(entry, "triton", *clone_args(args))
+    baseline = entry.reference(*clone_args(args))
+    truth = entry.reference(*_float64(clone_args(args)))
+    ours, baseline, truth = (v if isinstance(v, tuple) else (v,) for v in (ours, baseline, truth))
+    for i, (a, b, t) in enumerate(zip(ours, baseline, truth)):
+        assert a.dtype == b.dtype, f"{entry.op_name} output {i}: {a.dtype} != {b.dtype}"
+        name = names[i] if names else f"{entry.op_name} output {i}"
+        assert_within_baseline(a, b, t, dtype, factor=FACTOR, name=name)
+    return ours
+
+
+def adapter_case(dtype=torch.bfloat16, tokens=T, dim=D, rank=RANK):
+    return {
+        "x": _cuda(tokens, dim, dtype=dtype),
+        "base_weight": _cuda(dim, dim, dtype=dtype, scale=dim**-0.5),
+        "lora_A": _cuda(rank, dim, dtype=dtype, scale=dim**-0.5),
+        "lora_B": _cuda(dim, rank, dtype=dtype, scale=0.05),
+        "magnitude": (torch.rand(dim, device="cuda") + 0.5).to(dtype),
+        "bias": _cuda(dim, dtype=dtype, scale=0.1),
+        "grad_out": _cuda(tokens, dim, dtype=dtype),
+        "scaling": 2.0,
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_norm(dtype):
+    _check_against_baseline(ops.row_norm, [_cuda(D, D, dtype=dtype)], dtype)
+
+
+def test_adapter_row_norm():
+    c = adapter_case()
+    _check_against_baseline(
+        ops.adapter_row_norm, [c["base_weight"], c["lora_A"], c["lora_B"], c["scaling"]], torch.bfloat16
+    )
+
+
+def _saved_for_backward(c):
+    norm, base_A = ops.adapter_row_norm.reference(c["base_weight"], c["lora_A"], c["lora_B"], c["scaling"])
+    row_scale = c["magnitude"].float() / norm
+    y, x_A = ops.adapter_forward.reference(
+        c["x"], c["base_weight"], c["lora_A"], c["lora_B"], row_scale, c["scaling"], c["bias"]
+    )
+    return norm, base_A, row_scale, y, x_A
+
+
+def test_adapter_forward():
+    c = adapter_case()
+    _, _, row_scale, _, _ = _saved_for_backward(c)
+    args = [c["x"], c["base_weight"], c["lora_A"], c["lora_B"], row_scale, c["scaling"], c["bias"]]
+    _check_against_baseline(ops.adapter_forward, args, torch.bfloat16, names=["y", "x A^T"])
+
+
+@pytest.mark.parametrize("detach_norm", [False, True], ids=["exact", "detach"])
+def test_adapter_backward(detach_norm):
+    c = adapter_case()
+    norm, base_A, _, y, x_A = _saved_for_backward(c)
+    args = [c["grad_out"], c["x"], y, x_A, c["base_weight"], base_A, c["lora_A"], c["lora_B"], c["magnitude"], norm,
+            c["bias"], c["scaling"], detach_norm]
+    _check_against_baseline(ops.adapter_backward, args, torch.bfloat16, names=["dx", "dA", "dB", "dM"])
+
+
+def test_norm_coefficients():
+    c = adapter_case()
+    norm, _, _, y, _ = _saved_for_backward(c)
+    args = [c["grad_out"], y, c["bias"], c["magnitude"], norm, False]
+    _check_against_baseline(ops.norm_coefficients, args, torch.bfloat16, names=["c1", "c2", "dM"])
+
+
+def _full_case():
+    c = adapter_case()
+    direction = c["base_weight"]
+    norm = ops.row_norm.reference(direction)
+    row_scale = c["magnitude"].float() / norm
+    y = ops.full_forward.reference(c["x"], direction, row_scale, c["bias"])
+    return c, direction, norm, row_scale, y
+
+
+def test_full_forward_backward():
+    c, direction, norm, row_scale, y = _full_case()
+    _check_against_baseline(ops.full_forward, [c["x"], direction, row_scale, c["bias"]], torch.bfloat16, ["y"])
+    args = [c["grad_out"], c["x"], y, direction, c["magnitude"], norm, c["bias"], False]
+    _check_against_baseline(ops.full_backward, args, torch.bfloat16, names=["dx", "dV", "dM"])
+
+
+@pytest.mark.parametrize("side", ["left", "right", "both"])
+def test_projected_grad(side):
+    c, direction, norm, _, y = _full_case()
+    row_scale, c2, _ = ops.norm_coefficients.reference(c["grad_out"], y, c["bias"], c["magnitude"], norm, False)
+    left = torch.linalg.qr(torch.randn(D, PROJECTOR_RANK, device="cuda")).Q if side != "right" else None
+    right = torch.linalg.qr(torch.randn(D, PROJECTOR_RANK, device="cuda")).Q if side != "left" else None
+    args = [c["grad_out"], c["x"], direction, row_scale, c2, left, right]
+    _check_against_baseline(ops.projected_grad, args, torch.bfloat16)
+
+
+def test_quantize_roundtrip_matches_reference():
+    code = ops.dynamic_map(True, "cuda")
+    x = torch.randn(PROJECTOR_RANK, D, device="cuda")
+    codes, absmax = run_op(ops.quantize_blockwise, "triton", x, code)
+    ref_codes, ref_absmax = ops.quantize_blockwise.reference(x, code)
+    assert torch.equal(absmax, ref_absmax)
+    assert torch.equal(codes, ref_codes)
+    values = run_op(ops.dequantize_blockwise, "triton", codes, absmax, code)
+    assert torch.equal(values, ops.dequantize_blockwise.reference(codes, absmax, code))
+
+
+def _adam_args(shape, quantized, nonfinite=False):
+    grad = torch.randn(shape, device="cuda") * 1e-2
+    if nonfinite:
+        grad[shape[0] // 2, 7] = float("nan")
+    signed, unsigned = ops.dynamic_map(True, "cuda"), ops.dynamic_map(False, "cuda")
+    if quantized:
+        m, m_absmax = ops.quantize_blockwise.reference(torch.randn(shape, device="cuda") * 1e-2, signed)
+        v, v_absmax = ops.quantize_blockwise.reference(torch.rand(shape, device="cuda") * 1e-4, unsigned)
+        states = [m, v, m_absmax, v_absmax, signed, unsigned]
+    else:
+        states = [torch.randn(shape, device="cuda") * 1e-2, torch.rand(shape, device="cuda") * 1e-4] + [None] * 4
+    step = torch.tensor(7.0, device="cuda")
+    return [grad] + states + [step, torch.zeros((), device="cuda"), 0.9, 0.999, 1e-8]
+
+
+@pytest.mark.parametrize("quantized", [True, False], ids=["8bit", "fp32"])
+@pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nan"])
+def test_adam_update(quantized, nonfinite):
+    args = _adam_args((PROJECTOR_RANK, D), quantized, nonfinite)
+    ours_args, reference_args = clone_args(args), clone_args(args)
+    direction = run_op(ops.adam_update, "triton", *ours_args)
+    expected = ops.adam_update.reference(*reference_args)
+    assert scaled_error(direction, expected) <= 1e-6
+    for i, (a, e) in enumerate(zip(ours_args[1:9], reference_args[1:9])):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if a.dtype == torch.uint8:
+            # Nearest-code ties may round either way after a one-ulp difference in the moment.
+            differ = a != e
+            assert differ.float().mean().item() <= 1e-4, f"state {i}: {int(differ.sum())} codes differ"
+            assert (a.int() - e.int()).abs().max().item() <= 1
+        else:
+            assert scaled_error(a, e) <= 1e-6, f"state {i}"
+    if nonfinite:
+        for a, original in zip(ours_args[1:5], args[1:5]):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, original)
+        assert ours_args[8].item() == 1.0 and ours_args[7].item() == 7.0
+
+
+@pytest.mark.parametrize("side", ["left", "right", "both"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_project_back_update(dtype, side):
+    weight = _cuda(D, D, dtype=dtype, scale=0.02)
+    left = torch.linalg.qr(torch.randn(D, PROJECTOR_RANK, device="cuda")).Q if side != "right" else None
+    right = torch.linalg.qr(torch.randn(D, PROJECTOR_RANK, device="cuda")).Q if side != "left" else None
+    shape = (PROJECTOR_RANK if left is not None else D, PROJECTOR_RANK if right is not None else D)
+    args = [weight, torch.randn(shape, device="cuda"), left, right, 1e-3, 1e-4, torch.ones((), device="cuda")]
+    ours_args, reference_args, truth_args = clone_args(args), clone_args(args), _float64(clone_args(args))
+    norm = run_op(ops.project_back_update, "triton", *ours_args)
+    reference_norm = ops.project_back_update.reference(*reference_args)
+    truth_norm = ops.project_back_update.reference(*truth_args)
+    assert_within_baseline(ours_args[0], reference_args[0], truth_args[0], dtype, factor=FACTOR, name="weight")
+    assert_within_baseline(norm, reference_norm, truth_norm, dtype, factor=FACTOR, name="norm")
+
+
+# ---- timings: python tests/test_triton_gpu.py ----
+
+
+def _bench_cases():
+    """(name, bytes of the floor or 0 for GEMM-bound ops, function of a backend name)."""
+    c = adapter_case()
+    norm, base_A, row_scale, y, x_A = _saved_for_backward(c)
+    element = 2
+    big = D * D * element
+    act = T * D * element
+    shape = (PROJECTOR_RANK, D)
+    adam8 = _adam_args(shape, True)
+    adam32 = _adam_args(shape, False)
+    weight = _cuda(D, D, scale=0.02)
+    left = torch.linalg.qr(torch.randn(D, PROJECTOR_RANK, device="cuda")).Q
+    direction = torch.randn(PROJECTOR_RANK, D, device="cuda")
+    gate = torch.ones((), device="cuda")
+    _, row_c2, _ = ops.norm_coefficients.reference(c["grad_out"], y, c["bias"], c["magnitude"], norm, False)
+    numel = PROJECTOR_RANK * D
+    return [
+        ("row_norm", big, lambda: ops.row_norm(c["base_weight"])),
+        ("adapter_row_norm", big, lambda: ops.adapter_row_norm(c["base_weight"], c["lora_A"], c["lora_B"], 2.0)),
+        ("norm_coefficients", 2 * act, lambda: ops.norm_coefficients(c["grad_out"], y, c["bias"], c["magnitude"], norm,
+                                                                      False)),
+        ("adam_update 8-bit", numel * (4 + 2 + 2 + 4), lambda: ops.adam_update(*adam8)),
+        ("adam_update fp32", numel * (4 + 16 + 4), lambda: ops.adam_update(*adam32)),
+        ("project_back_update", 2 * big, lambda: ops.project_back_update(weight, direction, left, None, 1e-6, 0.0, gate)),
+        ("adapter_forward", 0, lambda: ops.adapter_forward(c["x"], c["base_weight"], c["lora_A"], c["lora_B"],
+                                                           row_scale, 2.0, c["bias"])),
+        ("adapter_backward", 0, lambda: ops.adapter_backward(c["grad_out"], c["x"], y, x_A, c["base_weight"], base_A,
+                                                             c["lora_A"], c["lora_B"], c["magnitude"], norm, c["bias"],
+                                                             2.0, False)),
+        ("projected_grad left", 0, lambda: ops.projected_grad(c["grad_out"], c["x"], c["base_weight"], row_scale,
+                                                              row_c2, left, None)),
+        ("nn.Linear forward (GEMM floor)", 0, lambda: torch.nn.functional.linear(c["x"], c["base_weight"], c["bias"])),
+        ("nn.Linear dx (GEMM floor)", 0, lambda: c["grad_out"] @ c["base_weight"]),
+    ]
+
+
+def _layer_seconds(do_bench):
+    """Median fwd+bwd of a bf16 D x D layer at T tokens with a fixed upstream gradient: frozen nn.Linear
+    (the floor) against GradNormLoRPLinear (adapter, rank RANK) on each backend."""
+    from gradnormlorp_kernels import GradNormLoRPLinear, use_backend
+
+    linear = torch.nn.Linear(D, D, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    ours = GradNormLoRPLinear.from_linear(linear, rank=RANK, alpha=2 * RANK)
+    with torch.no_grad():
+        ours.lora_B.normal_(0, 0.01)
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+
+    def step(module):
+        def run():
+            x.grad = None
+            for p in module.parameters():
+                p.grad = None
+            module(x).backward(grad)
+        return run
+
+    times = {"nn.Linear (frozen)": do_bench(step(linear), return_mode="median")}
+    for backend in ("triton", "reference"):
+        with use_backend(backend):
+            times[f"GradNormLoRPLinear adapter ({backend})"] = do_bench(step(ours), return_mode="median")
+    return times
+
+
+def main() -> int:
+    from triton.testing import do_bench
+
+    from gradnormlorp_kernels import use_backend
+
+    torch.manual_seed(0)
+    source = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    copy_ms = do_bench(lambda: target.copy_(source), return_mode="median")
+    copy_bw = 2 * source.numel() / copy_ms / 1e6
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_bw:.0f} GB/s (read + write)")
+    del source, target
+    print(f"{'op':34s} {'triton ms':>10s} {'reference ms':>13s} {'speed-up':>9s} {'GB/s':>7s} {'of copy':>8s}")
+    for name, floor_bytes, call in _bench_cases():
+        times = {}
+        for backend in ("triton", "reference"):
+            with use_backend(backend):
+                times[backend] = do_bench(call, return_mode="median")
+        ours = times["triton"]
+        line = f"{name:34s} {ours:10.4f} {times['reference']:13.4f} {times['reference'] / ours:8.2f}x"
+        if floor_bytes:
+            bandwidth = floor_bytes / ours / 1e6
+            line += f" {bandwidth:7.0f} {bandwidth / copy_bw:7.0%}"
+        print(line, flush=True)
+    layer = _layer_seconds(do_bench)
+    floor = layer["nn.Linear (frozen)"]
+    print(f"layer fwd+bwd, bf16, D={D}, T={T}, r={RANK}:")
+    for name, ms in layer.items():
+        print(f"  {name:40s} {ms:8.4f} ms  {ms / floor:5.2f}x the frozen nn.Linear")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
