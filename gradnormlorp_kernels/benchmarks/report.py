@@ -47,7 +47,7 @@ def _x(value: Optional[float]) -> str:
 
 def _mib(row: dict, column: str) -> str:
     value = number(row, column)
-    return "–" if value is None else f"{value / MIB:,.1f}"
+    return "–" if value is None else _fmt(value / MIB)
 
 
 def _verdict(value: Optional[float], passes: Callable[[float], bool]) -> str:
