@@ -93,7 +93,12 @@ class GradNormLoRPLinear(nn.Module):
             self.lora_A = None
             self.lora_B = None
             self.direction = nn.Parameter(weight)
-        self.magnitude = nn.Parameter(ops.row_norm(weight.detach()).to(weight.dtype))
+        # M from the very op the forward divides by, so that M / n == 1 exactly at init (W == W0, same outputs).
+        if adapter:
+            norm, _ = ops.adapter_row_norm(weight.detach(), self.lora_A.detach(), self.lora_B.detach(), self.scaling)
+        else:
+            norm = ops.row_norm(weight.detach())
+        self.magnitude = nn.Parameter(norm.to(weight.dtype))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=not adapter)
 
     @classmethod
@@ -149,10 +154,13 @@ class GradNormLoRPLinear(nn.Module):
             acc = accumulation_dtype(self.base_weight.dtype)
             dense = self.base_weight.to(acc) + self.scaling * (self.lora_B.to(acc) @ self.lora_A.to(acc))
             weight_dtype = self.base_weight.dtype
+            # The norm exactly as the forward computes it (W == W0 at init, bit for bit in fp32/fp64).
+            norm, _ = ops.adapter_row_norm(self.base_weight, self.lora_A, self.lora_B, self.scaling)
         else:
             dense = self.direction.to(accumulation_dtype(self.direction.dtype))
             weight_dtype = self.direction.dtype
-        scale = self.magnitude.to(dense.dtype) / ops.row_norm(dense)
+            norm = ops.row_norm(self.direction)
+        scale = self.magnitude.to(dense.dtype) / norm.to(dense.dtype)
         return (dense * scale[:, None]).to(weight_dtype)
 
     @torch.no_grad()
