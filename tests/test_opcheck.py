@@ -1,0 +1,94 @@
+"""torch.library.opcheck on every registered op (schema, mutations, fake tensors, AOT dispatch), per backend."""
+
+import pytest
+import torch
+from conftest import DEVICE, backends_for
+
+from gradnormlorp_kernels import _dispatch, ops
+
+OUT, IN, RANK, T = 5, 7, 2, 3
+
+
+def rand(*shape):
+    return torch.randn(*shape, device=DEVICE)
+
+
+def positive(*shape):
+    return torch.rand(*shape, device=DEVICE) + 0.5
+
+
+def counters():
+    return torch.zeros((), device=DEVICE), torch.zeros((), device=DEVICE)
+
+
+def adam_8bit_args():
+    codes = torch.randint(0, 256, (20, 15), dtype=torch.uint8, device=DEVICE)
+    return [
+        rand(20, 15), codes, codes.clone(), positive(2), positive(2),
+        ops.dynamic_map(True, DEVICE), ops.dynamic_map(False, DEVICE), *counters(), 0.9, 0.999, 1e-8,
+    ]
+
+
+def sample_args() -> dict[str, list[list]]:
+    """Small float32 inputs for every op; several variants where optional arguments change the path."""
+    x, base, lora_A, lora_B = rand(T, IN), rand(OUT, IN), rand(RANK, IN), rand(OUT, RANK)
+    grad_out, out, direction = rand(T, OUT), rand(T, OUT), rand(OUT, IN)
+    magnitude, norm, bias = positive(OUT), positive(OUT), rand(OUT)
+    left, right = rand(OUT, RANK), rand(IN, RANK)
+    gate = torch.ones((), device=DEVICE)
+    code = ops.dynamic_map(True, DEVICE)
+    return {
+        "row_norm": [[base]],
+        "adapter_row_norm": [[base, lora_A, lora_B, 2.0]],
+        "adapter_forward": [[x, base, lora_A, lora_B, positive(OUT), 2.0, bias], [x, base, lora_A, lora_B, norm, 2.0, None]],
+        "adapter_backward": [
+            [grad_out, x, out, rand(T, RANK), base, rand(OUT, RANK), lora_A, lora_B, magnitude, norm, bias, 2.0, False],
+            [grad_out, x, out, rand(T, RANK), base, rand(OUT, RANK), lora_A, lora_B, magnitude, norm, None, 2.0, True],
+        ],
+        "norm_coefficients": [[grad_out, out, bias, magnitude, norm, False], [grad_out, out, None, magnitude, norm, True]],
+        "full_forward": [[x, direction, positive(OUT), bias], [x, direction, positive(OUT), None]],
+        "full_backward": [
+            [grad_out, x, out, direction, magnitude, norm, bias, False],
+            [grad_out, x, out, direction, magnitude, norm, None, True],
+        ],
+        "projected_grad": [
+            [grad_out, x, direction, positive(OUT), rand(OUT), left, None],
+            [grad_out, x, direction, positive(OUT), rand(OUT), None, right],
+            [grad_out, x, direction, positive(OUT), rand(OUT), left, right],
+        ],
+        "randomized_projector": [[rand(9, 6), RANK, "left", 2, 1, 0], [rand(9, 6), RANK, "right", 2, 1, 0]],
+        "svd_projector": [[rand(9, 6), RANK, "left"], [rand(9, 6), RANK, "right"]],
+        "quantize_blockwise": [[rand(300), code], [rand(20, 15), code]],
+        "dequantize_blockwise": [
+            [torch.randint(0, 256, (300,), dtype=torch.uint8, device=DEVICE), positive(2), code]
+        ],
+        "adam_update": [
+            [rand(OUT, IN), rand(OUT, IN), positive(OUT, IN), None, None, None, None, *counters(), 0.9, 0.999, 1e-8],
+            adam_8bit_args(),
+        ],
+        "project_back_update": [
+            [rand(OUT, IN), rand(RANK, IN), left, None, 0.1, 0.01, gate],
+            [rand(OUT, IN), rand(OUT, RANK), None, right, 0.1, 0.01, gate],
+            [rand(OUT, IN), rand(RANK, RANK), left, right, 0.1, 0.01, gate],
+            [rand(OUT, IN), rand(OUT, IN), None, None, 0.1, 0.01, gate],
+            [rand(OUT, IN).bfloat16(), rand(RANK, IN), left, None, 0.1, 0.01, gate],
+        ],
+    }
+
+
+def cases():
+    for name in _dispatch.registered_ops():
+        for backend in backends_for(name):
+            yield pytest.param(name, backend, id=f"{name}-{backend}")
+
+
+def test_every_registered_op_has_sample_inputs():
+    assert set(_dispatch.registered_ops()) <= set(sample_args())
+
+
+@pytest.mark.parametrize("name,backend", list(cases()))
+def test_opcheck(name, backend):
+    entry = getattr(ops, name)
+    for args in sample_args().get(name, []):
+        with _dispatch.use_backend(backend):
+            torch.library.opcheck(entry.custom_op, tuple(args))
