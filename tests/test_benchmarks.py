@@ -24,7 +24,9 @@ def tiny_run(tmp_path_factory):
 
 
 def _timed(rows, benchmark):
-    return {row["method"]: row for row in rows if row["benchmark"] == benchmark and number(row, "median_ms") is not None}
+    return {
+        row["method"]: row for row in rows if row["benchmark"] == benchmark and number(row, "median_ms") is not None
+    }
 
 
 def test_every_benchmark_writes_rows_with_finite_times(tiny_run):

@@ -48,7 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _print_row(row: dict) -> None:
     if row["benchmark"] == bandwidth.BENCHMARK and row["gbps"] != "":
-        detail = f"{float(row['median_ms']) * 1e3:10.1f} us {float(row['gbps']):8.1f} GB/s {float(row['pct_of_copy']):5.0f}%"
+        detail = (
+            f"{float(row['median_ms']) * 1e3:10.1f} us {float(row['gbps']):8.1f} GB/s "
+            f"{float(row['pct_of_copy']):5.0f}%"
+        )
     elif row["median_ms"] != "":
         detail = f"{float(row['median_ms']):10.3f} ms median"
         if row["amortized_ms"] != "":
@@ -64,9 +67,10 @@ def _print_row(row: dict) -> None:
 
 
 def _regenerate(csv_path: Path, out_dir: Path, with_plots: bool) -> None:
-    regenerate = shlex.join(
-        ["python", "-m", "gradnormlorp_kernels.benchmarks", "--report-only", "--csv", str(csv_path), "--out", str(out_dir)]
-    )
+    regenerate = shlex.join([
+        "python", "-m", "gradnormlorp_kernels.benchmarks", "--report-only",
+        "--csv", str(csv_path), "--out", str(out_dir),
+    ])
     written = report.write_report(csv_path, out_dir / "RESULTS.md", regenerate)
     print(f"wrote {written}", flush=True)
     if not with_plots:

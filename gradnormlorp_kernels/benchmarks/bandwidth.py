@@ -126,7 +126,8 @@ def _quantize(shape: tuple[int, int], device) -> Case:
     blocks = -(-shape[0] * shape[1] // ops.BLOCK_SIZE)
     outputs = [torch.empty(shape, device="meta", dtype=torch.uint8), torch.empty(blocks, device="meta")]
     return Case(
-        "quantize_blockwise", f"{shape[0]}x{shape[1]} fp32", lambda: ops.quantize_blockwise(x, code), [x, code], outputs,
+        "quantize_blockwise", f"{shape[0]}x{shape[1]} fp32", lambda: ops.quantize_blockwise(x, code), [x, code],
+        outputs,
     )
 
 

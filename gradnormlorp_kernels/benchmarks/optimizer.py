@@ -177,7 +177,8 @@ def _measure(optimizer: torch.optim.Optimizer, params: list, gap: int, device: t
     ordered = sorted(window)
     backend = ""
     if isinstance(optimizer, GradNormLoRPAdamW):
-        backend = "+".join(sorted({_dispatch.select(op, device.type)[0] for op in ("adam_update", "project_back_update")}))
+        used = {_dispatch.select(op, device.type)[0] for op in ("adam_update", "project_back_update")}
+        backend = "+".join(sorted(used))
     return dict(
         backend=backend, median_ms=statistics.median(window),
         q20_ms=_timing.quantile(ordered, _timing.LOW_QUANTILE), q80_ms=_timing.quantile(ordered, _timing.HIGH_QUANTILE),
