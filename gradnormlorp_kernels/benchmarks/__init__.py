@@ -124,7 +124,8 @@ def main(args: argparse.Namespace) -> int:
             status = 1
         print(f"  ({time.perf_counter() - started:.1f}s)", flush=True)
         _regenerate(csv_path, out_dir, not args.no_plots)
-    print(f"\nresults: {csv_path}", flush=True)
+    print("\n" + "\n".join(report.target_summary(read_rows(csv_path), _timing.device_name(device))), flush=True)
+    print(f"\nresults: {csv_path}; report: {out_dir / 'RESULTS.md'}", flush=True)
     return status
 
 

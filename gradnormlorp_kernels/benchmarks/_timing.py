@@ -88,13 +88,11 @@ def time_repeated(
     # enough calls to fill `rep_ms` (at least CPU_MIN_REPEATS) one by one.
     samples: list[float] = []
     deadline = time.perf_counter() + warmup_ms / 1e3
-    for call in range(1_000_000):
+    while not samples or time.perf_counter() < deadline:
         _clear_grads(grad_to_none)
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-        if time.perf_counter() >= deadline:
-            break
     estimate = statistics.median(samples)
     repeats = max(CPU_MIN_REPEATS, int(rep_ms / max(estimate, 1e-3)))
     samples = []

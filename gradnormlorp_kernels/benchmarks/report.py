@@ -256,6 +256,12 @@ def render(rows: list[dict], csv_name: str, regenerate: str, notes: str = "") ->
     return "\n".join(lines) + "\n"
 
 
+def target_summary(rows: list[dict], device: str) -> list[str]:
+    """The target lines of `device`'s section (for the end of a run's console output)."""
+    text = render([row for row in rows if row["device"] == device], "", "")
+    return [line for line in text.splitlines() if line.startswith("Target") or (line.startswith("- ") and " — " in line)]
+
+
 def write_report(csv_path: str | Path, md_path: str | Path, regenerate: str) -> Path:
     md_path = Path(md_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
