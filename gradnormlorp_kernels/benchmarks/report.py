@@ -259,7 +259,9 @@ def render(rows: list[dict], csv_name: str, regenerate: str, notes: str = "") ->
 def target_summary(rows: list[dict], device: str) -> list[str]:
     """The target lines of `device`'s section (for the end of a run's console output)."""
     text = render([row for row in rows if row["device"] == device], "", "")
-    return [line for line in text.splitlines() if line.startswith("Target") or (line.startswith("- ") and " — " in line)]
+    return [
+        line for line in text.splitlines() if line.startswith("Target") or (line.startswith("- ") and " — " in line)
+    ]
 
 
 def write_report(csv_path: str | Path, md_path: str | Path, regenerate: str) -> Path:
