@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -83,9 +82,7 @@ def _galore8(params, rank, gap, device):
 def _galore(params, rank, gap, device):
     from galore_torch import GaLoreAdamW
 
-    with warnings.catch_warnings():  # its deprecation notice, not ours to act on
-        warnings.simplefilter("ignore", FutureWarning)
-        return GaLoreAdamW(_galore_group(params, rank, gap), lr=LR, weight_decay=0.0)
+    return GaLoreAdamW(_galore_group(params, rank, gap), lr=LR, weight_decay=0.0, no_deprecation_warning=True)
 
 
 def _ours(params, rank, gap, device):
