@@ -62,7 +62,10 @@ def test_optimizer_state_bytes_counts_galore_projector():
     from galore_torch import GaLoreAdamW
 
     weight = torch.nn.Parameter(torch.randn(64, 32))
-    opt = GaLoreAdamW([{"params": [weight], "rank": 4, "update_proj_gap": 10, "scale": 0.25, "proj_type": "std"}])
+    opt = GaLoreAdamW(
+        [{"params": [weight], "rank": 4, "update_proj_gap": 10, "scale": 0.25, "proj_type": "std"}],
+        no_deprecation_warning=True,
+    )
     weight.grad = torch.randn_like(weight)
     opt.step()
     # moments (64, 4) twice and the (4, 32) projection matrix, float32
