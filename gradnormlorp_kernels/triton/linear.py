@@ -115,7 +115,7 @@ def normalized_weight(weight, lora_A, lora_B, row_scale, scaling, dtype):
         rows, cols, lora_A.shape[0] if has_lora else 0,
         weight.stride(0), lora_A.stride(0) if has_lora else 0, lora_B.stride(0) if has_lora else 0, out.stride(0),
         float(scaling), HAS_LORA=has_lora, NATIVE_DOT=native, BITWISE_BF16=bitwise_bf16(dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16, num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16, num_warps=8,
     )
     return out
 

@@ -99,7 +99,7 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, x_A=None):
     rank = x_A.shape[1] if has_xa else 0
     block_r = max(16, triton.next_power_of_2(rank))
     block_n = 64 if has_xa else 128
-    block_t = 64 if has_xa else 32
+    block_t = 64 if has_xa and block_r <= 32 else 32  # the (block_n, r) accumulator must not spill
     col_blocks = triton.cdiv(cols, block_n)
     splits = max(1, min(triton.cdiv(rows, block_t), triton.cdiv(_TARGET_PROGRAMS, col_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_t) * block_t
@@ -124,7 +124,7 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, x_A=None):
         HAS_BIAS=bias is not None, HAS_XA=has_xa, NATIVE_DOT=native,
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
     )
-    finish_block = 64
+    finish_block = 64 if block_r <= 32 else 16
     _finish_coefficients_kernel[(triton.cdiv(cols, finish_block),)](
         partial, partial_xa, magnitude, norm, row_scale, c2, grad_magnitude, g_xa, cols, rank, splits,
         DETACH=bool(detach_norm), HAS_XA=has_xa, BLOCK_N=finish_block, BLOCK_R=block_r, num_warps=4,

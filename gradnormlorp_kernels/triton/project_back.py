@@ -83,6 +83,6 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate):
         factor_right.stride(0), factor_right.stride(1), float(step_size), float(decay), NORM_FLOOR,
         LOW_RANK=low_rank, DOT_PRECISION="tf32x3" if weight.dtype == torch.float32 else "tf32",
         BITWISE_BF16=bitwise_bf16(weight.dtype),
-        BLOCK_M=block_m, BLOCK_N=128 if low_rank else 512, BLOCK_R=32, num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=64 if low_rank else 512, BLOCK_R=32, num_warps=8 if low_rank else 4,
     )
     return norm

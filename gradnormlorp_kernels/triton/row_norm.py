@@ -25,12 +25,12 @@ def _row_norm_kernel(w_ptr, norm_ptr, rows, cols, stride_w, floor, BLOCK_M: tl.c
 
 @triton.jit
 def _adapter_row_norm_kernel(
-    w_ptr, a_ptr, b_ptr, gram_ptr, norm_ptr, base_a_ptr, rows, cols, rank,
-    stride_w, stride_a, stride_b, scaling, floor,
+    w_ptr, a_ptr, b_ptr, b_gram_ptr, norm_ptr, base_a_ptr, rows, cols, rank,
+    stride_w, stride_a, stride_b, stride_b_gram, scaling, floor,
     NATIVE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One sweep over a block of W0's rows: ||W0||^2 per row and W0 A^T, then the two rank-r corrections
-    n^2 = ||W0||^2 + 2 s rowsum(B * W0 A^T) + s^2 rowsum((B (A A^T)) * B), with A A^T given (r x r)."""
+    n^2 = ||W0||^2 + 2 s rowsum(B * W0 A^T) + s^2 rowsum((B (A A^T)) * B), with B (A A^T) given (out x r)."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = row < rows
     r = tl.arange(0, BLOCK_R)
@@ -50,10 +50,9 @@ def _adapter_row_norm_kernel(
             base_a += tl.dot(w, tl.trans(a))
         else:
             base_a += tl.dot(w32, tl.trans(a.to(tl.float32)), input_precision="ieee")
-    b = tl.load(b_ptr + row[:, None] * stride_b + r[None, :], mask=row_mask[:, None] & r_mask[None, :],
-                other=0.0).to(tl.float32)
-    gram = tl.load(gram_ptr + r[:, None] * BLOCK_R + r[None, :])
-    b_gram = tl.dot(b, gram, input_precision="ieee")
+    small_mask = row_mask[:, None] & r_mask[None, :]
+    b = tl.load(b_ptr + row[:, None] * stride_b + r[None, :], mask=small_mask, other=0.0).to(tl.float32)
+    b_gram = tl.load(b_gram_ptr + row[:, None] * stride_b_gram + r[None, :], mask=small_mask, other=0.0)
     squared = squares + (2.0 * scaling) * tl.sum(b * base_a, axis=1) + (scaling * scaling) * tl.sum(b_gram * b, axis=1)
     norm = tl.maximum(tl.sqrt(tl.maximum(squared, 0.0)), floor)
     tl.store(norm_ptr + row, norm, mask=row_mask)
@@ -88,19 +87,25 @@ def adapter_row_norm(base_weight, lora_A, lora_B, scaling):
     rank = lora_A.shape[0]
     block_r = max(16, triton.next_power_of_2(rank))
     a32 = lora_A.to(torch.float32)
-    gram = torch.zeros(block_r, block_r, dtype=torch.float32, device=base_weight.device)
-    gram[:rank, :rank] = a32 @ a32.T
+    b_gram = lora_B.to(torch.float32) @ (a32 @ a32.T)  # (out, r): rank-r work, as the reference forms it
     norm = torch.empty(rows, dtype=torch.float32, device=base_weight.device)
     base_A = torch.empty(rows, rank, dtype=torch.float32, device=base_weight.device)
     if rows:
         # The interpreter has no bf16 arithmetic: there the products run in float32 (same values).
         native = (base_weight.dtype == lora_A.dtype and base_weight.dtype in (torch.bfloat16, torch.float16)
                   and not triton_interpreted())
-        block_m = 32 if block_r <= 64 else 16
+        # Tiles sized so that the W0 tile, the A tile and the (rows, r) accumulator fit in registers
+        # without spilling (checked in the sm_90 compiler's resource report).
+        block_m = 16
+        if not native:
+            block_n, warps = (64 if block_r <= 32 else 32), 8
+        elif block_r <= 32:
+            block_n, warps = 256, 4
+        else:
+            block_n, warps = (128 if block_r <= 64 else 32), 8
         _adapter_row_norm_kernel[(triton.cdiv(rows, block_m),)](
-            base_weight, lora_A, lora_B, gram, norm, base_A, rows, cols, rank,
-            base_weight.stride(0), lora_A.stride(0), lora_B.stride(0), float(scaling), NORM_FLOOR,
-            NATIVE_DOT=native, BLOCK_M=block_m, BLOCK_N=128 if block_r <= 64 else 64, BLOCK_R=block_r,
-            num_warps=4,
+            base_weight, lora_A, lora_B, b_gram, norm, base_A, rows, cols, rank,
+            base_weight.stride(0), lora_A.stride(0), lora_B.stride(0), b_gram.stride(0), float(scaling), NORM_FLOOR,
+            NATIVE_DOT=native, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
         )
     return norm, base_A
