@@ -137,18 +137,13 @@ def _tensors_in(value, depth: int = 0) -> list[torch.Tensor]:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every distinct tensor the optimizer keeps between steps (shared ones, e.g. maps, once).
-
-    That is everything in `optimizer.state`, plus the full copy of each weight that galore-torch's 8-bit
-    variant leaves on the parameter (`p.saved_data`, held from one step to the next).
-    """
-    held = [value for state in optimizer.state.values() for value in state.values()]
-    held += [p.saved_data for group in optimizer.param_groups for p in group["params"] if hasattr(p, "saved_data")]
+    """Bytes of every distinct tensor in `optimizer.state` (shared tensors, e.g. quantisation maps, once)."""
     seen: dict[tuple, int] = {}
-    for value in held:
-        for tensor in _tensors_in(value):
-            key = (tensor.device, tensor.data_ptr(), tensor.numel(), tensor.dtype)
-            seen[key] = tensor.numel() * tensor.element_size()
+    for state in optimizer.state.values():
+        for value in state.values():
+            for tensor in _tensors_in(value):
+                key = (tensor.device, tensor.data_ptr(), tensor.numel(), tensor.dtype)
+                seen[key] = tensor.numel() * tensor.element_size()
     return sum(seen.values())
 
 
