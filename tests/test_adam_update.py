@@ -105,7 +105,9 @@ def test_float32_states_match_hand_written_adam(backend, shape):
 
 
 @pytest.mark.parametrize("backend", backend_params("adam_update"))
-@pytest.mark.parametrize("shape", [(1, 1), (17, 241)], ids=["1", "4097"])
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (17, 241), pytest.param((4096, 128), marks=pytest.mark.gpu)], ids=["1", "4097", "4096x128"]
+)
 def test_8bit_states_match_hand_written_adam(backend, shape):
     state = quantized_state(shape)
     float32_run = float32_state(shape)

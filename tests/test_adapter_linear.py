@@ -21,6 +21,8 @@ from gradnormlorp_kernels import ops
 
 # (T, in, out, r)
 SHAPES = [(1, 1, 1, 1), (5, 3, 17, 2), (33, 17, 3, 3), (1, 129, 17, 5), (5, 17, 129, 4), (33, 129, 129, 7)]
+# bf16/fp32 shapes; the last is a real layer (D = 4096, r = 16), run on the GPU only.
+LOW_SHAPES = [(33, 129, 65, 8), (65, 65, 129, 3), pytest.param(2048, 4096, 4096, 16, marks=pytest.mark.gpu)]
 GRAD_NAMES = ("x", "lora_A", "lora_B", "magnitude")
 
 
@@ -104,7 +106,7 @@ def test_detach_norm_changes_the_gradient():
 
 @pytest.mark.parametrize("backend", backend_params("adapter_forward"))
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("T,inp,out,r", [(33, 129, 65, 8), (65, 65, 129, 3)])
+@pytest.mark.parametrize("T,inp,out,r", LOW_SHAPES)
 def test_adapter_forward_low_precision(backend, dtype, T, inp, out, r):
     case = make_case(T, inp, out, r, dtype, True)
     y, norm, _ = truth(case, detach_norm=False)
@@ -124,7 +126,7 @@ def test_adapter_forward_low_precision(backend, dtype, T, inp, out, r):
 @pytest.mark.parametrize("backend", backend_params("adapter_backward"))
 @pytest.mark.parametrize("detach_norm", [False, True], ids=["exact", "detach"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("T,inp,out,r", [(33, 129, 65, 8), (65, 65, 129, 3)])
+@pytest.mark.parametrize("T,inp,out,r", LOW_SHAPES)
 def test_adapter_backward_low_precision(backend, dtype, T, inp, out, r, detach_norm):
     case = make_case(T, inp, out, r, dtype, True)
     y, norm, grads = truth(case, detach_norm)

@@ -52,8 +52,9 @@ def test_float64(backend, out, inp, r, side):
 
 @pytest.mark.parametrize("backend", backend_params("project_back_update"))
 @pytest.mark.parametrize("side", SIDES)
-def test_float32_weight(backend, side):
-    weight, direction, left, right = make_case(65, 129, 8, side, torch.float32, torch.float32)
+@pytest.mark.parametrize("out,inp,r", [(65, 129, 8), pytest.param(4096, 4096, 128, marks=pytest.mark.gpu)])
+def test_float32_weight(backend, side, out, inp, r):
+    weight, direction, left, right = make_case(out, inp, r, side, torch.float32, torch.float32)
     original = weight.clone()
     norms = call(backend, weight, direction, left, right, 1e-2, 1e-3, 1.0)
     expected = expected_weight(original, direction, left, right, 1e-2, 1e-3, 1.0)
@@ -64,8 +65,9 @@ def test_float32_weight(backend, side):
 
 @pytest.mark.parametrize("backend", backend_params("project_back_update"))
 @pytest.mark.parametrize("side", SIDES)
-def test_bfloat16_weight(backend, side):
-    weight, direction, left, right = make_case(65, 129, 8, side, torch.bfloat16, torch.float32)
+@pytest.mark.parametrize("out,inp,r", [(65, 129, 8), pytest.param(4096, 4096, 128, marks=pytest.mark.gpu)])
+def test_bfloat16_weight(backend, side, out, inp, r):
+    weight, direction, left, right = make_case(out, inp, r, side, torch.bfloat16, torch.float32)
     original = weight.clone()
     norms = call(backend, weight, direction, left, right, 1e-2, 1e-3, 1.0)
     assert weight.dtype == torch.bfloat16

@@ -93,8 +93,9 @@ def test_grad_sketch_float64(T, inp, out, k):
 @pytest.mark.parametrize("backend", backend_params("projected_grad"))
 @pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_projected_grad_low_precision(backend, dtype, side):
-    inputs, dV, weight_fn, params = make_case(65, 129, 97, 8, dtype, False)
+@pytest.mark.parametrize("T,inp,out,r", [(65, 129, 97, 8), pytest.param(2048, 2048, 4096, 128, marks=pytest.mark.gpu)])
+def test_projected_grad_low_precision(backend, dtype, side, T, inp, out, r):
+    inputs, dV, weight_fn, params = make_case(T, inp, out, r, dtype, False)
     ours = call(backend, inputs, side)
     assert ours.dtype == torch.float32
     # Baseline: autograd dV in the low dtype, projected in the low dtype.

@@ -8,7 +8,7 @@ from gradnormlorp_kernels import ops
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-SIZES = [1, 255, 256, 257, 4097, 70001]
+SIZES = [1, 255, 256, 257, 4097, 70001, pytest.param(2**24 + 3, marks=pytest.mark.gpu)]
 BLOCK = ops.BLOCK_SIZE
 # bitsandbytes' native CPU kernel finds the code with an approximate search that resolves x / absmax only to
 # about 2**-15 (measured: it picks a code up to 3.0e-5 farther than the nearest, on ~0.2% of normal data,

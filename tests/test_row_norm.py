@@ -44,9 +44,10 @@ def test_row_norm_float64(backend, out, inp, r):
 
 @pytest.mark.parametrize("backend", backend_params("row_norm"))
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_row_norm_low_precision(backend, dtype):
+@pytest.mark.parametrize("out,inp", [(129, 257), pytest.param(4096, 4096, marks=pytest.mark.gpu)])
+def test_row_norm_low_precision(backend, dtype, out, inp):
     # Magnitudes spread over rows so a per-row relative error would show.
-    weight = (torch.randn(129, 257, device=DEVICE) * torch.logspace(-2, 2, 129, device=DEVICE)[:, None]).to(dtype)
+    weight = (torch.randn(out, inp, device=DEVICE) * torch.logspace(-2, 2, out, device=DEVICE)[:, None]).to(dtype)
     norm = run_op(ops.row_norm, backend, weight)
     assert norm.dtype == torch.float32
     truth = torch.linalg.vector_norm(weight.to(torch.float64), dim=1)
@@ -98,7 +99,7 @@ def test_adapter_row_norm_cancelling_row(backend):
 
 @pytest.mark.parametrize("backend", backend_params("adapter_row_norm"))
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("out,inp,r", [(129, 257, 8), (33, 129, 3)])
+@pytest.mark.parametrize("out,inp,r", [(129, 257, 8), (33, 129, 3), pytest.param(4096, 4096, 16, marks=pytest.mark.gpu)])
 def test_adapter_row_norm_low_precision(backend, dtype, out, inp, r):
     base, lora_A, lora_B, scaling = adapter_inputs(out, inp, r, dtype)
     norm, base_A = run_op(ops.adapter_row_norm, backend, base, lora_A, lora_B, scaling)
