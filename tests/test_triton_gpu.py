@@ -1,6 +1,7 @@
 """The Triton kernels on a real GPU at real shapes, against the reference ops and a float64 truth.
 
-Each test compares the Triton op with the reference op run in the same low precision on the GPU (the
+`test_kernel_compiles_for_hopper` runs anywhere (no GPU): it compiles each kernel, at the launchers'
+tile sizes, for sm_90 and checks the compiler's resource report for register spills. Each other test compares the Triton op with the reference op run in the same low precision on the GPU (the
 PyTorch baseline) and with a float64 truth: Triton may be at most `FACTOR` times further from the truth
 than the baseline. Run on the device machine: `python -m pytest -m gpu tests/test_triton_gpu.py`.
 `python tests/test_triton_gpu.py` prints median timings of every Triton op against its reference, and the
@@ -9,15 +10,18 @@ achieved bandwidth of the memory-bound ones against the measured device-to-devic
 
 from __future__ import annotations
 
+import inspect
+import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_within_baseline, clone_args, run_op, scaled_error
 
 from gradnormlorp_kernels import ops
-
-pytestmark = pytest.mark.gpu
 
 FACTOR = 4.0
 D, T, RANK, PROJECTOR_RANK = 4096, 8192, 16, 128
@@ -44,6 +48,112 @@ def _check_against_baseline(entry, args, dtype, names=None):
     return ours
 
 
+def _compile_cases():
+    """(id, kernel, pointer dtypes other than float32, constexprs, num_warps, options): each kernel at the
+    tile sizes its launcher picks for bf16 (and float32 where a launcher picks differently), rank 16/128."""
+    from gradnormlorp_kernels.triton import adam_update, linear, norm_coefficients, project_back, quant8, row_norm
+
+    bf16_w = {"w_ptr": "*bf16"}
+    lora = {"w_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16"}
+    grads = {"g_ptr": "*bf16", "y_ptr": "*bf16", "bias_ptr": "*bf16", "xa_ptr": "*bf16"}
+    back = {"LOW_RANK": True, "BITWISE_BF16": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_R": 32}
+    return [
+        ("row_norm", row_norm._row_norm_kernel, bf16_w, {"BLOCK_M": 4, "BLOCK_N": 1024}, 4, {}),
+        ("adapter_row_norm-r16", row_norm._adapter_row_norm_kernel, lora,
+         {"NATIVE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_R": 16}, 4, {}),
+        ("adapter_row_norm-r128", row_norm._adapter_row_norm_kernel, lora,
+         {"NATIVE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 128}, 8, {}),
+        ("column_partials-r16", norm_coefficients._column_partials_kernel, grads,
+         {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_R": 16}, 4, {}),
+        ("column_partials-r128", norm_coefficients._column_partials_kernel, grads,
+         {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 32, "BLOCK_N": 64, "BLOCK_R": 128}, 4, {}),
+        ("finish_coefficients-r128", norm_coefficients._finish_coefficients_kernel, {"magnitude_ptr": "*bf16"},
+         {"DETACH": False, "HAS_XA": True, "BLOCK_N": 16, "BLOCK_R": 128}, 4, {}),
+        ("normalized_weight", linear._normalized_weight_kernel, {**lora, "out_ptr": "*bf16"},
+         {"HAS_LORA": True, "NATIVE_DOT": True, "BITWISE_BF16": False, "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_R": 16},
+         8, {}),
+        ("direction_grad", linear._direction_grad_kernel, {"g_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16"},
+         {"BITWISE_BF16": False, "BLOCK_M": 16, "BLOCK_N": 256}, 4, {}),
+        ("matmul_f32", linear._matmul_f32_kernel, {"a_ptr": "*bf16"},
+         {"NATIVE_DOT": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, {}),
+        ("finite_check", adam_update._finite_check_kernel, {}, {"BLOCK": 4096}, 8, {}),
+        ("adam_update-8bit", adam_update._adam_update_kernel, {"m_ptr": "*u8", "v_ptr": "*u8", "flags_ptr": "*i32"},
+         {"LERP_FROM_END": False, "QUANTIZED": True, "BLOCK": 256}, 2, {"enable_fp_fusion": False}),
+        ("adam_update-fp32", adam_update._adam_update_kernel, {"flags_ptr": "*i32"},
+         {"LERP_FROM_END": False, "QUANTIZED": False, "BLOCK": 1024}, 4, {"enable_fp_fusion": False}),
+        ("quantize", quant8._quantize_blockwise_kernel, {"codes_ptr": "*u8"}, {"BLOCK": 256}, 2, {}),
+        ("dequantize", quant8._dequantize_blockwise_kernel, {"codes_ptr": "*u8"}, {"BLOCK": 256}, 2, {}),
+        ("project_back-bf16", project_back._project_back_update_kernel, bf16_w, {**back, "DOT_PRECISION": "tf32"}, 8, {}),
+        ("project_back-fp32", project_back._project_back_update_kernel, {}, {**back, "DOT_PRECISION": "tf32x3"}, 8, {}),
+    ]
+
+
+def _hopper_toolchain():
+    """Triton's NVIDIA backend and its cuobjdump, or None where this Triton has none."""
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+    except ImportError:
+        return None
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        return None
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return (triton, GPUTarget, cuobjdump) if cuobjdump.exists() else None
+
+
+def compile_for_hopper(directory: Path) -> list[str]:
+    """Compile every kernel case for sm_90; one problem string per kernel that fails or spills registers.
+    Needs kernels defined without TRITON_INTERPRET (the interpreter's kernels cannot be compiled)."""
+    toolchain = _hopper_toolchain()
+    if toolchain is None:
+        return []
+    triton, GPUTarget, cuobjdump = toolchain
+    from triton.compiler import ASTSource
+
+    problems = []
+    for name, kernel, pointer_types, constexprs, num_warps, options in _compile_cases():
+        signature = {}
+        for arg in inspect.signature(kernel.fn).parameters:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg.endswith("_ptr"):
+                signature[arg] = pointer_types.get(arg, "*fp32")
+            elif arg in ("rows", "cols", "rank", "numel", "splits", "rows_per_split", "M", "N", "K") or (
+                arg.startswith("stride")
+            ):
+                signature[arg] = "i32"
+            else:
+                signature[arg] = "fp32"
+        try:
+            compiled = triton.compile(
+                ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": num_warps, **options},
+            )
+        except Exception as exc:  # report every kernel, not only the first failure
+            problems.append(f"{name}: does not compile for sm_90: {type(exc).__name__}: {exc}")
+            continue
+        binary = directory / f"{name}.cubin"
+        binary.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "-res-usage", str(binary)], capture_output=True, text=True, check=True)
+        stack = [int(v) for v in re.findall(r"STACK:(\d+)", usage.stdout)]
+        if not stack or max(stack) > 0:
+            problems.append(f"{name}: register spills ({max(stack or [-1])}-byte stack frame) on sm_90")
+    return problems
+
+
+def test_kernels_compile_for_hopper(tmp_path):
+    if _hopper_toolchain() is None:
+        pytest.skip("this Triton has no NVIDIA backend to compile with")
+    # Real (not interpreted) kernels: conftest only sets the interpreter where the variable is unset.
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, __file__, "--compile", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def adapter_case(dtype=torch.bfloat16, tokens=T, dim=D, rank=RANK):
     return {
         "x": _cuda(tokens, dim, dtype=dtype),
@@ -57,11 +167,13 @@ def adapter_case(dtype=torch.bfloat16, tokens=T, dim=D, rank=RANK):
     }
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_row_norm(dtype):
     _check_against_baseline(ops.row_norm, [_cuda(D, D, dtype=dtype)], dtype)
 
 
+@pytest.mark.gpu
 def test_adapter_row_norm():
     c = adapter_case()
     _check_against_baseline(
@@ -78,6 +190,7 @@ def _saved_for_backward(c):
     return norm, base_A, row_scale, y, x_A
 
 
+@pytest.mark.gpu
 def test_adapter_forward():
     c = adapter_case()
     _, _, row_scale, _, _ = _saved_for_backward(c)
@@ -85,6 +198,7 @@ def test_adapter_forward():
     _check_against_baseline(ops.adapter_forward, args, torch.bfloat16, names=["y", "x A^T"])
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("detach_norm", [False, True], ids=["exact", "detach"])
 def test_adapter_backward(detach_norm):
     c = adapter_case()
@@ -94,6 +208,7 @@ def test_adapter_backward(detach_norm):
     _check_against_baseline(ops.adapter_backward, args, torch.bfloat16, names=["dx", "dA", "dB", "dM"])
 
 
+@pytest.mark.gpu
 def test_norm_coefficients():
     c = adapter_case()
     norm, _, _, y, _ = _saved_for_backward(c)
@@ -110,6 +225,7 @@ def _full_case():
     return c, direction, norm, row_scale, y
 
 
+@pytest.mark.gpu
 def test_full_forward_backward():
     c, direction, norm, row_scale, y = _full_case()
     _check_against_baseline(ops.full_forward, [c["x"], direction, row_scale, c["bias"]], torch.bfloat16, ["y"])
@@ -117,6 +233,7 @@ def test_full_forward_backward():
     _check_against_baseline(ops.full_backward, args, torch.bfloat16, names=["dx", "dV", "dM"])
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("side", ["left", "right", "both"])
 def test_projected_grad(side):
     c, direction, norm, _, y = _full_case()
@@ -127,6 +244,7 @@ def test_projected_grad(side):
     _check_against_baseline(ops.projected_grad, args, torch.bfloat16)
 
 
+@pytest.mark.gpu
 def test_quantize_roundtrip_matches_reference():
     code = ops.dynamic_map(True, "cuda")
     x = torch.randn(PROJECTOR_RANK, D, device="cuda")
@@ -153,6 +271,7 @@ def _adam_args(shape, quantized, nonfinite=False):
     return [grad] + states + [step, torch.zeros((), device="cuda"), 0.9, 0.999, 1e-8]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("quantized", [True, False], ids=["8bit", "fp32"])
 @pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nan"])
 def test_adam_update(quantized, nonfinite):
@@ -178,6 +297,7 @@ def test_adam_update(quantized, nonfinite):
         assert ours_args[8].item() == 1.0 and ours_args[7].item() == 7.0
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("side", ["left", "right", "both"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_project_back_update(dtype, side):
@@ -293,4 +413,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--compile"]:
+        found = compile_for_hopper(Path(sys.argv[2]))
+        print("\n".join(found) or "every kernel compiles for sm_90 without spills")
+        sys.exit(1 if found else 0)
     sys.exit(main())
