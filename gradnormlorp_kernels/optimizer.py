@@ -226,7 +226,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             else:
                 seed = (self.seed * 1_000_003 + state["index"] * 10_007 + state["refreshes"] * 2 + (side == "right"))
                 projector = ops.randomized_projector(grad, rank, side, OVERSAMPLE, POWER_ITERS, seed % (2**63))
-            state[side] = projector
+            # Kept in the gradient's dtype (bf16 for bf16 weights, as GaLore does): half the bytes of
+            # float32, and the projection GEMMs run on bf16 tensor cores.
+            state[side] = projector.to(grad.dtype)
         state["refreshes"] += 1
         return True
 
@@ -243,9 +245,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         state["calls"] += 1
         projected = grad
         if left:
-            projected = state["left"].T.to(grad.dtype) @ projected
+            projected = state["left"].T @ projected
         if right:
-            projected = projected @ state["right"].to(grad.dtype)
+            projected = projected @ state["right"]
         projected = projected.to(torch.float32)
         if "exp_avg" not in state:
             self._init_moments(state, tuple(projected.shape), p.device, group["state_bits"])

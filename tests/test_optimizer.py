@@ -346,7 +346,9 @@ def test_state_dict_round_trip_weights_only(dtype, state_bits, seed, dispatched)
                 assert torch.equal(b[key], value), key
             else:
                 assert b[key] == value, key
-    assert opt.state[params[0]]["left"].dtype == torch.float32
+    # Float32 states of a bf16 parameter stay float32 (torch's loader would cast them to bf16).
+    float32_states = [k for k, v in opt.state[params[0]].items() if isinstance(v, torch.Tensor) and v.dtype == torch.float32]
+    assert {"step", "exp_avg_sq" if state_bits == 32 else "absmax_exp_avg_sq"} <= set(float32_states)
     # Both continue identically.
     for t in range(3, 6):
         _fill_grads(params, seed + t)
