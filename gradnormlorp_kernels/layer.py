@@ -30,6 +30,13 @@ def check_rank(rank, in_features: int, out_features: int) -> int:
     return rank
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. "meta")
+        return False
+
+
 class GradNormLoRPLinear(nn.Module):
     """`y = x W^T + b` with `W = diag(M / ||W'||_row) W'`.
 
@@ -124,28 +131,45 @@ class GradNormLoRPLinear(nn.Module):
         layer._build(weight, bias)
         return layer
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, autocast: bool = False) -> None:
         weight = self.base_weight if self.mode == "adapter" else self.direction
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got shape {tuple(x.shape)}")
-        if x.dtype != weight.dtype:
+        if autocast and not x.is_floating_point():
+            raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {weight.dtype}; cast one of them")
+        if not autocast and x.dtype != weight.dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {weight.dtype}; cast one of them")
         if x.device != weight.device:
             raise RuntimeError(f"input is on {x.device} but the layer's weights are on {weight.device}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        # Under torch.autocast (mixed precision with float32 parameters) compute in the autocast dtype, as
+        # nn.Linear does: inputs and parameters are cast, gradients flow back to the parameters' dtype.
+        autocast_dtype = None
+        if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
+            autocast_dtype = torch.get_autocast_dtype(x.device.type)
+        self._check_input(x, autocast=autocast_dtype is not None)
         flat = x.reshape(-1, self.in_features)
-        if self.mode == "adapter":
-            out = AdapterLinearFunction.apply(
-                flat, self.base_weight, self.bias, self.lora_A, self.lora_B, self.magnitude, self.scaling,
-                self.detach_norm,
-            )
+        if autocast_dtype is None:
+            out = self._apply_function(flat, lambda t: t)
         else:
-            out = FullLinearFunction.apply(flat, self.direction, self.bias, self.magnitude, self.detach_norm)
+            with torch.autocast(x.device.type, enabled=False):
+                out = self._apply_function(
+                    flat.to(autocast_dtype), lambda t: None if t is None else t.to(autocast_dtype)
+                )
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply_function(self, flat: torch.Tensor, cast) -> torch.Tensor:
+        if self.mode == "adapter":
+            return AdapterLinearFunction.apply(
+                flat, cast(self.base_weight), cast(self.bias), cast(self.lora_A), cast(self.lora_B),
+                cast(self.magnitude), self.scaling, self.detach_norm,
+            )
+        return FullLinearFunction.apply(
+            flat, cast(self.direction), cast(self.bias), cast(self.magnitude), self.detach_norm
+        )
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:

@@ -385,3 +385,29 @@ def test_magnitude_gradient_with_a_large_bias(mode):
         baseline = rel_err(grads_base[name], grads_true[name])
         err = rel_err(grads[name], grads_true[name])
         assert err <= 4.0 * baseline + 4 * torch.finfo(torch.float32).eps, f"{name}: {err:.3g} vs {baseline:.3g}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autocast_computes_like_a_low_precision_copy(mode):
+    """Mixed precision (float32 parameters under torch.autocast) works as nn.Linear does: the layer
+    computes in the autocast dtype and float32 gradients reach the float32 parameters."""
+    import copy
+
+    layer = make_layer(24, 10, 3, mode, torch.float32, 91)
+    low = copy.deepcopy(layer).to(torch.bfloat16)
+    x = torch.randn(2, 5, 24)
+    g = torch.randn(2, 5, 10).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.backward(g)
+    y_low = low(x.to(torch.bfloat16))
+    y_low.backward(g)
+    assert torch.equal(y, y_low)
+    for (name, p), (_, q) in zip(trainable(layer).items(), trainable(low).items()):
+        assert p.grad.dtype == torch.float32, name
+        assert torch.equal(p.grad, q.grad.float()), name
+    # Inside a network: the previous nn.Linear hands over a bf16 activation.
+    net = nn.Sequential(nn.Linear(6, 24), layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(torch.randn(3, 6)).dtype == torch.bfloat16

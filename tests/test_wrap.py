@@ -318,3 +318,27 @@ def test_shared_module_is_replaced_everywhere(mode, target):
     assert type(model.first[0]) is nn.Linear and model.first[0] is model.second[0]
     with torch.no_grad():
         torch.testing.assert_close(model(x), trained, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["adapter", "full"])
+def test_wrapped_llama_trains_under_autocast(mode):
+    """Mixed precision as Hugging Face's Trainer(bf16=True) runs it: float32 weights, torch.autocast."""
+    model = tiny_llama(7)
+    gk.wrap(model, "all-linear", rank=4, mode=mode)
+    ids, labels = tokens(seed=8), tokens(seed=9)
+    optimizer = GradNormLoRPAdamW(model, lr=2e-2, rank=4, state_bits=32)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids)
+        loss = _lm_loss(out, labels)
+        loss.backward()
+        for name, p in model.named_parameters():
+            if p.requires_grad and p.grad is not None:
+                assert p.grad.dtype == torch.float32 and bool(torch.isfinite(p.grad).all()), name
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, GradNormLoRPLinear) and layer.magnitude.grad is not None
+    assert losses[-1] < losses[0]
