@@ -29,8 +29,16 @@ def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
 
 
 def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 256-entry map: signed for the first moment, unsigned for the second."""
-    return _dynamic_map_cpu(bool(signed)).to(device)
+    """The 256-entry map: signed for the first moment, unsigned for the second (do not modify it).
+
+    One copy per device, made once: a fresh host-to-device copy every optimizer step would wait on the GPU.
+    """
+    return _dynamic_map_on(bool(signed), str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map_on(signed: bool, device: str) -> torch.Tensor:
+    return _dynamic_map_cpu(signed).to(device)
 
 
 def num_blocks(numel: int) -> int:

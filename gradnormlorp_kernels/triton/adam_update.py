@@ -104,9 +104,9 @@ def adam_update(grad, exp_avg, exp_avg_sq, absmax_avg, absmax_avg_sq, code_signe
         return direction
     quantized = absmax_avg is not None
     if quantized:
+        midpoints_m, midpoints_v = code_midpoints(code_signed), code_midpoints(code_unsigned)
         code_m = code_signed.to(torch.float32).contiguous()
         code_v = code_unsigned.to(torch.float32).contiguous()
-        midpoints_m, midpoints_v = code_midpoints(code_m), code_midpoints(code_v)
         absmax_m, absmax_v = absmax_avg, absmax_avg_sq
         block, grid = BLOCK_SIZE, num_blocks(numel)
     else:

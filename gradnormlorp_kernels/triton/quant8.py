@@ -1,5 +1,7 @@
 """8-bit block-wise (de)quantisation with a 256-entry dynamic map, one program per 256-element block."""
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -7,6 +9,10 @@ import triton.language as tl
 from ..ops import quant8 as reference
 
 CODE_SIZE = 256
+# Midpoints per map tensor (by identity, checked through a weak reference; the version counter catches an
+# in-place change), bounded: maps are few, and a stale entry only costs its recomputation.
+_MIDPOINTS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+_MIDPOINTS_KEPT = 64
 
 
 @triton.jit
@@ -54,10 +60,17 @@ def _dequantize_blockwise_kernel(codes_ptr, absmax_ptr, code_ptr, out_ptr, numel
 
 
 def code_midpoints(code: torch.Tensor) -> torch.Tensor:
-    """The 255 decision boundaries, computed exactly as the reference computes them."""
+    """The 255 decision boundaries, computed exactly as the reference computes them; kept per map tensor
+    (the optimizer passes the same cached map every step), so a step launches nothing for them."""
     if code.numel() != CODE_SIZE:
         raise ValueError(f"code must hold {CODE_SIZE} entries, got {code.numel()}")
-    return ((code[1:] + code[:-1]) * 0.5).contiguous()
+    cached = _MIDPOINTS.get(id(code))
+    if cached is None or cached[0]() is not code or cached[1] != code._version:
+        if len(_MIDPOINTS) >= _MIDPOINTS_KEPT:
+            _MIDPOINTS.clear()
+        cached = (weakref.ref(code), code._version, ((code[1:] + code[:-1]) * 0.5).to(torch.float32).contiguous())
+        _MIDPOINTS[id(code)] = cached
+    return cached[2]
 
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +79,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tenso
     codes = torch.empty(numel, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(reference.num_blocks(numel), dtype=torch.float32, device=x.device)
     if numel:
-        midpoints = code_midpoints(code.to(torch.float32))
+        midpoints = code_midpoints(code)
         _quantize_blockwise_kernel[(absmax.numel(),)](
             flat, codes, absmax, midpoints, numel, BLOCK=reference.BLOCK_SIZE, num_warps=2
         )
