@@ -73,10 +73,13 @@ def wrap(
             f"target_modules={target_modules!r} matched no nn.Linear in the model; its linear layers are "
             f"{linear_names[:20]}{' ...' if len(linear_names) > 20 else ''}"
         )
-    replacements = [
-        (names, GradNormLoRPLinear._from_linear(module, rank, alpha, mode, detach_norm, share=True))
-        for names, module in targets
-    ]
+    replacements = []
+    for names, module in targets:  # all built before the model is touched: an error changes nothing
+        try:
+            layer = GradNormLoRPLinear._from_linear(module, rank, alpha, mode, detach_norm, share=True)
+        except ValueError as exc:
+            raise ValueError(f"cannot wrap {names[0]!r} ({module}): {exc}") from exc
+        replacements.append((names, layer))
     if mode == "adapter":
         for parameter in model.parameters():
             parameter.requires_grad_(False)

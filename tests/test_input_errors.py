@@ -135,7 +135,7 @@ class Net(nn.Module):
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
-    (dict(rank=7), r"rank must be an integer in \[1, 6\]"),  # b is 20 -> 6
+    (dict(rank=7), r"cannot wrap 'b' \(Linear\(in_features=20, out_features=6.*rank must be an integer in \[1, 6\]"),
     (dict(rank=0), r"rank must be an integer in \[1, 12\]"),
     (dict(mode="ful"), r"mode must be one of \('adapter', 'full'\)"),
     (dict(target_modules=[]), r"target_modules must be 'all-linear', a regex or a non-empty list"),
