@@ -73,6 +73,20 @@ def wrap(
             f"target_modules={target_modules!r} matched no nn.Linear in the model; its linear layers are "
             f"{linear_names[:20]}{' ...' if len(linear_names) > 20 else ''}"
         )
+    if mode == "full":
+        # A weight tied to another module (e.g. lm_head and the embeddings) cannot become a trained
+        # direction: the two would update one storage through two parameters.
+        param_names: dict[int, list[str]] = {}
+        for pname, parameter in model.named_parameters(remove_duplicate=False):
+            param_names.setdefault(id(parameter), []).append(pname)
+        for names, module in targets:
+            own = {f"{name}.weight" for name in names}
+            others = [n for n in param_names.get(id(module.weight), []) if n not in own]
+            if others:
+                raise ValueError(
+                    f"cannot wrap {names[0]!r} in mode='full': its weight is tied to {others[0]!r}; "
+                    "untie it, leave it out of target_modules, or use mode='adapter'"
+                )
     replacements = []
     for names, module in targets:  # all built before the model is touched: an error changes nothing
         try:

@@ -259,3 +259,20 @@ def test_wrap_a_single_linear_points_to_from_linear():
     with pytest.raises(TypeError, match=r"GradNormLoRPLinear\.from_linear"):
         gk.wrap(linear)
     assert_unchanged(linear, before)
+
+
+def test_wrap_full_mode_refuses_a_tied_weight():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"cannot wrap 'lm_head' in mode='full': its weight is tied to "
+                                         r"'model\.embed_tokens\.weight'"):
+        gk.wrap(model, ["lm_head", "q_proj"], rank=2, mode="full")
+    assert_unchanged(model, before)
+    # Adapter mode keeps W0 frozen, so a tied head can take an adapter; the embedding is left as it was.
+    gk.wrap(model, ["lm_head"], rank=2, mode="adapter")
+    assert isinstance(model.lm_head, GradNormLoRPLinear)
+    assert model.lm_head.base_weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
