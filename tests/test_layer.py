@@ -411,3 +411,22 @@ def test_autocast_computes_like_a_low_precision_copy(mode):
     net = nn.Sequential(nn.Linear(6, 24), layer)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert net(torch.randn(3, 6)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_input(mode):
+    layer = make_layer(17, 9, 3, mode, torch.float64, 101)
+    base = torch.randn(17, 2, 6, dtype=torch.float64)
+    x = base.permute(1, 2, 0)[:, ::2]  # (2, 3, 17), strided
+    assert not x.is_contiguous()
+    g = torch.randn(2, 3, 9, dtype=torch.float64)
+    y, grads = layer_run(layer, x, g)
+    y_ref, grads_ref = dense_run(layer, x.contiguous(), g, torch.float64, False)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-9, atol=1e-11)
+    g_t = torch.randn(2, 9, 3, dtype=torch.float64).transpose(1, 2)  # a strided upstream gradient too
+    y, grads = layer_run(layer, x, g_t)
+    _, grads_ref = dense_run(layer, x.contiguous(), g_t.contiguous(), torch.float64, False)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-9, atol=1e-11)

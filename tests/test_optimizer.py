@@ -561,3 +561,22 @@ def test_closure_and_no_grad_parameters():
     loss = opt.step(closure)
     assert torch.is_tensor(loss)
     assert torch.equal(b, b_before) and b not in opt.state
+
+
+def test_lr_scheduler_and_zero_lr(seed):
+    w = nn.Parameter(torch.randn(24, 16))
+    v = nn.Parameter(torch.randn(16))
+    opt = GradNormLoRPAdamW([{"params": [w], "rank": 4}, {"params": [v]}], lr=1e-2, state_bits=32, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0 if step == 0 else 1.0)
+    assert all(g["lr"] == 0.0 for g in opt.param_groups)
+    before = (w.detach().clone(), v.detach().clone())
+    w.grad, v.grad = torch.randn_like(w), torch.randn_like(v)
+    opt.step()
+    sched.step()
+    # lr 0: no update and no decay, but the moments did see the gradient.
+    assert torch.equal(w, before[0]) and torch.equal(v, before[1])
+    assert int(opt.state[w]["step"]) == 1 and bool(opt.state[w]["exp_avg"].abs().sum() > 0)
+    assert all(g["lr"] == 1e-2 for g in opt.param_groups)
+    w.grad, v.grad = torch.randn_like(w), torch.randn_like(v)
+    opt.step()
+    assert not torch.equal(w, before[0]) and not torch.equal(v, before[1])
