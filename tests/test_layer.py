@@ -430,3 +430,22 @@ def test_non_contiguous_input(mode):
     _, grads_ref = dense_run(layer, x.contiguous(), g_t.contiguous(), torch.float64, False)
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-9, atol=1e-11)
+
+
+def test_public_signatures():
+    import inspect
+
+    import gradnormlorp_kernels as gk
+
+    layer = inspect.signature(GradNormLoRPLinear).parameters
+    assert list(layer)[:2] == ["in_features", "out_features"]
+    for name, value in dict(rank=8, alpha=16, mode="adapter", bias=True, detach_norm=False, device=None,
+                            dtype=None).items():
+        assert layer[name].default == value, name
+    from_linear = inspect.signature(GradNormLoRPLinear.from_linear).parameters
+    for name, value in dict(rank=8, alpha=16, mode="adapter").items():
+        assert from_linear[name].default == value, name
+    wrap = inspect.signature(gk.wrap).parameters
+    for name, value in dict(target_modules="all-linear", rank=8, alpha=16, mode="adapter").items():
+        assert wrap[name].default == value, name
+    assert list(inspect.signature(gk.merge).parameters) == ["model"]

@@ -580,3 +580,14 @@ def test_lr_scheduler_and_zero_lr(seed):
     w.grad, v.grad = torch.randn_like(w), torch.randn_like(v)
     opt.step()
     assert not torch.equal(w, before[0]) and not torch.equal(v, before[1])
+
+
+def test_public_signature_defaults():
+    import inspect
+
+    params = inspect.signature(GradNormLoRPAdamW).parameters
+    expected = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=128, update_proj_gap=200,
+                    scale=0.25, proj_type="std", refresh="randomized", state_bits=8)
+    assert list(params)[0] == "params_or_model"
+    for name, value in expected.items():
+        assert params[name].default == value, name
