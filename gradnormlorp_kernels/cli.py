@@ -182,15 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(train_parser)
     train_parser.set_defaults(command_parser=train_parser)
     # The benchmarks parse their own options, so importing them waits until `bench` is run.
-    bench_parser = commands.add_parser("bench", help="benchmarks against GaLore, bitsandbytes, peft, torch",
-                                       add_help=False)
-    bench_parser.add_argument("bench_args", nargs=argparse.REMAINDER)
+    commands.add_parser("bench", help="benchmarks against GaLore, bitsandbytes, peft, torch (see `bench --help`)",
+                        add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Every argument after `bench` (its --help included) belongs to the benchmarks' own parser.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "info":
         return cmd_info(args)
     if args.command == "train":
