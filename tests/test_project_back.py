@@ -30,6 +30,10 @@ def expected_weight(weight, direction, left, right, step_size, decay, gate):
     return weight.to(torch.float64) * (1.0 - gate * decay) - gate * step_size * update
 
 
+def abs_or_none(tensor):
+    return None if tensor is None else tensor.abs()
+
+
 def call(backend, weight, direction, left, right, step_size, decay, gate):
     gate_tensor = torch.tensor(gate, dtype=torch.float32, device=DEVICE)
     return run_op(ops.project_back_update, backend, weight, direction, left, right, step_size, decay, gate_tensor)
@@ -72,10 +76,13 @@ def test_bfloat16_weight(backend, side, out, inp, r):
     norms = call(backend, weight, direction, left, right, 1e-2, 1e-3, 1.0)
     assert weight.dtype == torch.bfloat16
     expected = expected_weight(original, direction, left, right, 1e-2, 1e-3, 1.0)
-    # One bfloat16 rounding of the exact result (float32 arithmetic before it adds next to nothing).
+    # One bfloat16 rounding of the exact result, plus the update's own error if it is formed at TF32
+    # precision (10-bit mantissa; far below the weight's rounding except where W and the update cancel).
+    update_size = expected_weight(torch.zeros_like(original), direction.abs(), abs_or_none(left), abs_or_none(right),
+                                  1e-2, 0.0, 1.0).abs()
     error = (weight.to(torch.float64) - expected).abs()
-    bound = 2.0**-8 * expected.abs() + 1e-6 * expected.abs().max()
-    assert bool((error <= bound).all())
+    bound = 2.0**-8 * expected.abs() + 2.0**-10 * update_size + 1e-9
+    assert bool((error <= bound).all()), f"{int((error > bound).sum())} elements off by more than a rounding"
     # The step actually moved the weight (it is not lost to rounding at this size).
     assert not torch.equal(weight, original)
     # The norms are those of the stored (rounded) weight, which is what the next forward uses.
