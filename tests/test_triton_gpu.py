@@ -66,7 +66,7 @@ def _compile_cases():
         ("column_partials-r16", norm_coefficients._column_partials_kernel, grads,
          {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_R": 16}, 4, {}),
         ("column_partials-r128", norm_coefficients._column_partials_kernel, grads,
-         {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 32, "BLOCK_N": 64, "BLOCK_R": 128}, 4, {}),
+         {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 32, "BLOCK_N": 32, "BLOCK_R": 128}, 4, {}),
         ("finish_coefficients-r128", norm_coefficients._finish_coefficients_kernel, {"magnitude_ptr": "*bf16"},
          {"DETACH": False, "HAS_XA": True, "BLOCK_N": 16, "BLOCK_R": 128}, 4, {}),
         ("normalized_weight", linear._normalized_weight_kernel, {**lora, "out_ptr": "*bf16"},

@@ -85,15 +85,17 @@ def _matmul_f32_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
         k = start + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + row[:, None] * stride_am + k[None, :] * stride_ak,
+        # 64-bit offsets: the operands include (T, out) activations, possibly past 2^31 elements.
+        a = tl.load(a_ptr + row[:, None].to(tl.int64) * stride_am + k[None, :].to(tl.int64) * stride_ak,
                     mask=(row < M)[:, None] & (k < K)[None, :], other=0.0)
-        b = tl.load(b_ptr + k[:, None] * stride_bk + col[None, :] * stride_bn,
+        b = tl.load(b_ptr + k[:, None].to(tl.int64) * stride_bk + col[None, :] * stride_bn,
                     mask=(k < K)[:, None] & (col < N)[None, :], other=0.0)
         if NATIVE_DOT:
             acc += tl.dot(a, b)
         else:
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
-    tl.store(c_ptr + row[:, None] * stride_cm + col[None, :], acc, mask=(row < M)[:, None] & (col < N)[None, :])
+    tl.store(c_ptr + row[:, None].to(tl.int64) * stride_cm + col[None, :], acc,
+             mask=(row < M)[:, None] & (col < N)[None, :])
 
 
 def normalized_weight(weight, lora_A, lora_B, row_scale, scaling, dtype):

@@ -36,6 +36,7 @@ def _column_partials_kernel(
     for start in range(first, tl.minimum(first + rows_per_split, rows), BLOCK_T):
         row = start + tl.arange(0, BLOCK_T)
         row_mask = row < rows
+        row = row.to(tl.int64)  # (T, out) activations may pass 2^31 elements
         mask = row_mask[:, None] & col_mask[None, :]
         g = tl.load(g_ptr + row[:, None] * stride_g + col[None, :], mask=mask, other=0.0)
         y = tl.load(y_ptr + row[:, None] * stride_y + col[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -93,13 +94,16 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, x_A=None):
     `x_A`). Inputs must not be float64 (the callers route that to the reference)."""
     rows, cols = grad_out.shape
     device = grad_out.device
+    magnitude, norm = magnitude.contiguous(), norm.contiguous()
+    bias = None if bias is None else bias.contiguous()
     grad_out = grad_out if grad_out.stride(1) == 1 else grad_out.contiguous()
     out = out if out.stride(1) == 1 else out.contiguous()
     has_xa = x_A is not None
     rank = x_A.shape[1] if has_xa else 0
     block_r = max(16, triton.next_power_of_2(rank))
-    block_n = 64 if has_xa else 128
-    block_t = 64 if has_xa and block_r <= 32 else 32  # the (block_n, r) accumulator must not spill
+    # Tiles whose (block_n, r) accumulator fits in registers without spilling (sm_90 resource report).
+    block_n = 128 if not has_xa else (64 if block_r <= 32 else 32)
+    block_t = 64 if has_xa and block_r <= 32 else 32
     col_blocks = triton.cdiv(cols, block_n)
     splits = max(1, min(triton.cdiv(rows, block_t), triton.cdiv(_TARGET_PROGRAMS, col_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_t) * block_t
