@@ -591,3 +591,37 @@ def test_public_signature_defaults():
     assert list(params)[0] == "params_or_model"
     for name, value in expected.items():
         assert params[name].default == value, name
+
+
+@pytest.mark.parametrize("refresh", ["randomized", "svd"])
+@pytest.mark.parametrize("kind", ["zero", "rank1"])
+def test_degenerate_gradients_give_orthonormal_projectors(refresh, kind, seed):
+    """An all-zero gradient (layer not reached) or one of rank below `rank`: still a valid step."""
+    w = nn.Parameter(torch.randn(40, 24))
+    start = w.detach().clone()
+    opt = GradNormLoRPAdamW([{"params": [w], "rank": 8}], refresh=refresh, state_bits=32, update_proj_gap=2)
+    for _ in range(4):
+        w.grad = torch.zeros(40, 24) if kind == "zero" else torch.randn(40, 1) @ torch.randn(1, 24)
+        opt.step()
+    p = opt.state[w]["left"].float()
+    torch.testing.assert_close(p.T @ p, torch.eye(8), atol=1e-5, rtol=0)
+    assert bool(torch.isfinite(w).all()) and opt.skipped_steps() == 0
+    assert torch.equal(w, start) == (kind == "zero")
+
+
+def test_adapter_factors_projected_by_param_group(seed):
+    """Adapter mode with the paper's Definition 1: lora_A / lora_B in a projected group."""
+    layer = GradNormLoRPLinear(48, 40, rank=8, mode="adapter")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    opt = GradNormLoRPAdamW(
+        [{"params": [layer.lora_A, layer.lora_B], "rank": 4}, {"params": [layer.magnitude]}], lr=1e-2, state_bits=32
+    )
+    before = [p.detach().clone() for p in (layer.lora_A, layer.lora_B, layer.magnitude)]
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(6, 48)).square().mean().backward()
+        opt.step()
+    assert sorted(opt.state[layer.lora_A]["exp_avg"].shape) == [4, 8]
+    assert sorted(opt.state[layer.lora_B]["exp_avg"].shape) == [4, 8]
+    assert all(not torch.equal(b, p) for b, p in zip(before, (layer.lora_A, layer.lora_B, layer.magnitude)))
