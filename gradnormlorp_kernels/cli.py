@@ -69,7 +69,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from .train import METHODS
 
     size = parser.add_argument_group("sizes (defaults depend on the device: small on CPU, larger on a GPU)")
-    size.add_argument("--steps", type=_positive_int, help="optimizer steps per method (CPU 200, GPU 1000)")
+    size.add_argument("--steps", type=_positive_int, help="optimizer steps per method (CPU 200, GPU 600)")
     size.add_argument("--batch-size", type=_positive_int, help="sequences per step (CPU 16, GPU 32)")
     size.add_argument("--seq-len", type=_positive_int, help="bytes per sequence (CPU 128, GPU 512)")
     size.add_argument("--rank", type=_positive_int, help="projection and adapter rank (CPU 32, GPU 128)")

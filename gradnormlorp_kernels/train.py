@@ -81,7 +81,7 @@ class TrainConfig:
 def default_settings(device: str) -> dict:
     """Defaults that finish in a few minutes: small on CPU (2 cores), larger on a GPU."""
     if torch.device(device).type == "cuda":
-        return dict(steps=1000, batch_size=32, seq_len=512, rank=128, dim=512, layers=8, heads=8,
+        return dict(steps=600, batch_size=32, seq_len=512, rank=128, dim=512, layers=8, heads=8,
                     update_proj_gap=200, eval_every=100, eval_batches=16)
     return dict(steps=200, batch_size=16, seq_len=128, rank=32, dim=128, layers=2, heads=4,
                 update_proj_gap=50, eval_every=25, eval_batches=4)
