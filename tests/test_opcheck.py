@@ -1,10 +1,12 @@
 """torch.library.opcheck on every registered op (schema, mutations, fake tensors, AOT dispatch), per backend."""
 
+import importlib.util
+
 import pytest
 import torch
 from conftest import DEVICE, backends_for
 
-from gradnormlorp_kernels import _dispatch, ops
+from gradnormlorp_kernels import _dispatch, _extension, ops
 
 OUT, IN, RANK, T = 5, 7, 2, 3
 
@@ -40,12 +42,18 @@ def sample_args() -> dict[str, list[list]]:
     return {
         "row_norm": [[base]],
         "adapter_row_norm": [[base, lora_A, lora_B, 2.0]],
-        "adapter_forward": [[x, base, lora_A, lora_B, positive(OUT), 2.0, bias], [x, base, lora_A, lora_B, norm, 2.0, None]],
+        "adapter_forward": [
+            [x, base, lora_A, lora_B, positive(OUT), 2.0, bias],
+            [x, base, lora_A, lora_B, positive(OUT), 2.0, None],
+        ],
         "adapter_backward": [
             [grad_out, x, out, rand(T, RANK), base, rand(OUT, RANK), lora_A, lora_B, magnitude, norm, bias, 2.0, False],
             [grad_out, x, out, rand(T, RANK), base, rand(OUT, RANK), lora_A, lora_B, magnitude, norm, None, 2.0, True],
         ],
-        "norm_coefficients": [[grad_out, out, bias, magnitude, norm, False], [grad_out, out, None, magnitude, norm, True]],
+        "norm_coefficients": [
+            [grad_out, out, bias, magnitude, norm, False],
+            [grad_out, out, None, magnitude, norm, True],
+        ],
         "full_forward": [[x, direction, positive(OUT), bias], [x, direction, positive(OUT), None]],
         "full_backward": [
             [grad_out, x, out, direction, magnitude, norm, bias, False],
@@ -80,6 +88,18 @@ def cases():
     for name in _dispatch.registered_ops():
         for backend in backends_for(name):
             yield pytest.param(name, backend, id=f"{name}-{backend}")
+
+
+def test_usable_backends_load():
+    # A backend that fails to import drops out of every parametrised op test, so a load error here must fail.
+    for name in _dispatch.registered_ops():
+        _dispatch.implementations(name)
+    usable = {"triton": importlib.util.find_spec("triton") is not None and _dispatch._device_allows("triton", DEVICE)}
+    usable["cpu"] = _extension.load() is not None
+    errors = _dispatch.load_errors()
+    for backend, expected in usable.items():
+        if expected:
+            assert backend not in errors, f"{backend}: {errors.get(backend)}"
 
 
 def test_every_registered_op_has_sample_inputs():

@@ -146,7 +146,8 @@ def test_orthonormalize_full_rank(m, k, dtype):
 def test_orthonormalize_rank_deficient(dtype):
     basis = torch.randn(33, 2, dtype=dtype, device=DEVICE)
     # Columns 3..5 repeat combinations of the first two, the last one is zero.
-    y = torch.cat([basis, basis @ torch.randn(2, 3, dtype=dtype, device=DEVICE), torch.zeros(33, 1, dtype=dtype, device=DEVICE)], 1)
+    repeated = basis @ torch.randn(2, 3, dtype=dtype, device=DEVICE)
+    y = torch.cat([basis, repeated, torch.zeros(33, 1, dtype=dtype, device=DEVICE)], 1)
     q = ops.orthonormalize(y)
     assert q.shape == (33, 6)
     assert bool(torch.isfinite(q).all())

@@ -99,7 +99,9 @@ def test_adapter_row_norm_cancelling_row(backend):
 
 @pytest.mark.parametrize("backend", backend_params("adapter_row_norm"))
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("out,inp,r", [(129, 257, 8), (33, 129, 3), pytest.param(4096, 4096, 16, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize(
+    "out,inp,r", [(129, 257, 8), (33, 129, 3), pytest.param(4096, 4096, 16, marks=pytest.mark.gpu)]
+)
 def test_adapter_row_norm_low_precision(backend, dtype, out, inp, r):
     base, lora_A, lora_B, scaling = adapter_inputs(out, inp, r, dtype)
     norm, base_A = run_op(ops.adapter_row_norm, backend, base, lora_A, lora_B, scaling)
