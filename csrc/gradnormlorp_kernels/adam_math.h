@@ -60,16 +60,17 @@ C10_HOST_DEVICE inline float scale_to_unit(float x, float inverse_absmax) {
 
 namespace gradnormlorp {
 
-// Scalars of one step; `step` is the step count after this update.
-inline AdamScalars make_adam_scalars(double beta1, double beta2, double eps, float step) {
+// Scalars of one step; `step` is the step count after this update. Host and device: the CUDA kernel
+// reads the step count on the device (no synchronisation) and builds these there.
+C10_HOST_DEVICE inline AdamScalars make_adam_scalars(double beta1, double beta2, double eps, float step) {
   AdamScalars s;
   const float weight = static_cast<float>(1.0 - beta1);
   s.lerp_from_start = weight < 0.5f;
   s.lerp_coeff = s.lerp_from_start ? weight : weight - 1.0f;
   s.beta2 = static_cast<float>(beta2);
   s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  s.bias1 = 1.0f - std::pow(static_cast<float>(beta1), step);
-  s.bias2 = 1.0f - std::pow(static_cast<float>(beta2), step);
+  s.bias1 = 1.0f - ::powf(static_cast<float>(beta1), step);
+  s.bias2 = 1.0f - ::powf(static_cast<float>(beta2), step);
   s.eps = static_cast<float>(eps);
   return s;
 }

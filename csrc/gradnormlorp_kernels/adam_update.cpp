@@ -22,7 +22,7 @@ bool all_finite(const scalar_t* g, int64_t n) {
 #pragma omp parallel for num_threads(thread_count()) reduction(+ : bad) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     // x - x is 0 for finite x and NaN for inf/NaN; the comparison vectorises, std::isfinite does not.
-    const float x = static_cast<float>(g[i]);
+    const float x = load_as<float>(g[i]);
     bad += (x - x != 0.0f) ? 1 : 0;
   }
   return bad == 0;
@@ -50,7 +50,7 @@ void update_quantized(const scalar_t* grad, uint8_t* m_codes, uint8_t* v_codes, 
     const float m_scale = m_absmax[b], v_scale = v_absmax[b];
     float m_max = 0.0f, v_max = 0.0f;
     for (int64_t i = 0; i < len; ++i) {
-      const float g = static_cast<float>(grad[start + i]);
+      const float g = load_as<float>(grad[start + i]);
       m[i] = first_moment(code_signed[m_codes[start + i]] * m_scale, g, s);
       v[i] = second_moment(code_unsigned[v_codes[start + i]] * v_scale, g, s);
       direction[start + i] = adam_direction(m[i], v[i], s);
@@ -72,7 +72,7 @@ template <typename scalar_t>
 void update_float(const scalar_t* grad, float* m, float* v, float* direction, int64_t n, const AdamScalars& s) {
 #pragma omp parallel for simd num_threads(thread_count()) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const float g = static_cast<float>(grad[i]);
+    const float g = load_as<float>(grad[i]);
     const float m_new = first_moment(m[i], g, s);
     const float v_new = second_moment(v[i], g, s);
     m[i] = m_new;

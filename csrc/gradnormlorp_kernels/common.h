@@ -3,7 +3,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
+
+#include <string>
 
 namespace gradnormlorp {
 
@@ -26,14 +29,19 @@ inline void check_device(const at::Tensor& t, const char* name, const at::Tensor
               "), got ", t.device());
 }
 
+// The dtype as Python spells it ("torch.float32"), for messages read by Python users.
+inline std::string dtype_name(c10::ScalarType dtype) {
+  return "torch." + std::string(c10::getDtypeNames(dtype).first);
+}
+
 inline void check_dtype(const at::Tensor& t, const char* name, c10::ScalarType dtype) {
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype_name(dtype), ", got ", dtype_name(t.scalar_type()));
 }
 
 inline void check_floating(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
   TORCH_CHECK(s == c10::kFloat || s == c10::kDouble || s == c10::kBFloat16 || s == c10::kHalf, name,
-              " must be float32, float64, bfloat16 or float16, got ", s);
+              " must be torch.float32, float64, bfloat16 or float16, got ", dtype_name(s));
 }
 
 inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {

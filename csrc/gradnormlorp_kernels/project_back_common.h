@@ -28,7 +28,7 @@ inline UpdateFactors check_project_back_arguments(const at::Tensor& weight, cons
   check_device(direction, "direction", weight, "weight");
   check_device(gate, "gate", weight, "weight");
   TORCH_CHECK(gate.dim() == 0 && at::isFloatingType(gate.scalar_type()), "gate must be a 0-d floating tensor, got ",
-              gate.scalar_type(), " of shape ", gate.sizes());
+              dtype_name(gate.scalar_type()), " of shape ", gate.sizes());
   const int64_t out = weight.size(0), in = weight.size(1);
   const int64_t rows = left ? left->size(1) : out;
   const int64_t cols = right ? right->size(1) : in;

@@ -10,13 +10,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
+#include <vector>
 
 namespace gradnormlorp::cpu {
 namespace {
-
-// Rows of W0 handled per GEMM in adapter_row_norm: a block (converted to the accumulation type when W0
-// is narrower) stays in cache between its sum of squares and its product with A^T.
-constexpr int64_t kAdapterRowBlock = 64;
 
 void check_weight(const at::Tensor& weight, const char* name) {
   TORCH_CHECK(weight.device().is_cpu(), name, " must be a CPU tensor for the cpu backend, got ", weight.device());
@@ -32,26 +30,53 @@ void row_norms(const scalar_t* w, int64_t rows, int64_t cols, acc_t* out) {
   }
 }
 
-// Squared row norms of `count` rows; where `widened` is given, the rows are also stored there in acc_t
-// for the GEMM that follows (a bf16 W0 is read once, not once more for a float32 copy).
 template <typename scalar_t, typename acc_t>
-void row_squares(const scalar_t* w, int64_t count, int64_t cols, acc_t* squares, acc_t* widened) {
+void row_squares(const scalar_t* w, int64_t rows, int64_t cols, acc_t* out) {
 #pragma omp parallel for num_threads(thread_count()) schedule(static)
-  for (int64_t i = 0; i < count; ++i) {
-    const scalar_t* row = w + i * cols;
-    if (widened == nullptr) {
-      squares[i] = row_sum_of_squares<acc_t>(row, cols);
-      continue;
-    }
-    acc_t* dst = widened + i * cols;
-    acc_t sum = 0;
+  for (int64_t i = 0; i < rows; ++i) out[i] = row_sum_of_squares<acc_t>(w + i * cols, cols);
+}
+
+// Up to this rank W0 A^T is computed row by row in the pass that reads W0 (adapter_rows); above it the
+// vectorised dot products lose to the BLAS GEMM (measured: even at rank 16 and 64 on 2 threads, see
+// bench/CPU_BACKEND.md), so W0 is read by the GEMM and once more for its squares.
+constexpr int64_t kFusedAdapterMaxRank = 32;
+
+// Squared row norms and W0 A^T, one row of W0 at a time: the row (widened to acc_t when W0 is
+// narrower) stays in L1 while it is dotted with the rank rows of A, which stay in L2. W0 is read once
+// and no widened copy of it is ever stored.
+template <typename scalar_t, typename acc_t>
+void adapter_rows(const scalar_t* w, int64_t rows, int64_t cols, const acc_t* a, int64_t rank, acc_t* squares,
+                  acc_t* base_A) {
+#pragma omp parallel num_threads(thread_count())
+  {
+    std::vector<acc_t> widened(std::is_same_v<scalar_t, acc_t> ? 0 : cols);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+      const scalar_t* row = w + i * cols;
+      const acc_t* x;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        x = row;
+        squares[i] = row_sum_of_squares<acc_t>(row, cols);
+      } else {
+        acc_t* dst = widened.data();
+        acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < cols; ++j) {
-      const acc_t x = static_cast<acc_t>(row[j]);
-      dst[j] = x;
-      sum += x * x;
+        for (int64_t j = 0; j < cols; ++j) {
+          const acc_t v = load_as<acc_t>(row[j]);
+          dst[j] = v;
+          sum += v * v;
+        }
+        squares[i] = sum;
+        x = dst;
+      }
+      for (int64_t k = 0; k < rank; ++k) {
+        const acc_t* a_row = a + k * cols;
+        acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < cols; ++j) dot += x[j] * a_row[j];
+        base_A[i * rank + k] = dot;
+      }
     }
-    squares[i] = sum;
   }
 }
 
@@ -83,31 +108,25 @@ std::tuple<at::Tensor, at::Tensor> adapter_row_norm(const at::Tensor& base_weigh
 
   const at::Tensor base_weight = base_weight_in.contiguous();
   const auto acc = accumulation_type(base_weight.scalar_type());
-  const at::Tensor a = lora_A.to(acc);
+  const at::Tensor a = lora_A.to(acc).contiguous();
   const at::Tensor b = lora_B.to(acc);
-  const at::Tensor a_t = a.t();
   at::Tensor base_sq = at::empty({rows}, base_weight.options().dtype(acc));
   at::Tensor base_A = at::empty({rows, rank}, base_weight.options().dtype(acc));
-  const bool widen = base_weight.scalar_type() != acc;
-  at::Tensor widened = widen ? at::empty({std::min(rows, kAdapterRowBlock), cols}, base_weight.options().dtype(acc))
-                             : at::Tensor();
-
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, base_weight.scalar_type(), "gradnormlorp_cpu_adapter_row_norm", [&] {
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        for (int64_t start = 0; start < rows; start += kAdapterRowBlock) {
-          const int64_t count = std::min(kAdapterRowBlock, rows - start);
-          row_squares(base_weight.const_data_ptr<scalar_t>() + start * cols, count, cols,
-                      base_sq.mutable_data_ptr<acc_t>() + start, widen ? widened.mutable_data_ptr<acc_t>() : nullptr);
-          const at::Tensor block = widen ? widened.narrow(0, 0, count) : base_weight.narrow(0, start, count);
-          at::Tensor out_rows = base_A.narrow(0, start, count);
-          at::mm_out(out_rows, block, a_t);
+        if (rank > kFusedAdapterMaxRank) {
+          row_squares(base_weight.const_data_ptr<scalar_t>(), rows, cols, base_sq.mutable_data_ptr<acc_t>());
+          at::mm_out(base_A, base_weight.to(acc), a.t());
+          return;
         }
+        adapter_rows(base_weight.const_data_ptr<scalar_t>(), rows, cols, a.const_data_ptr<acc_t>(), rank,
+                     base_sq.mutable_data_ptr<acc_t>(), base_A.mutable_data_ptr<acc_t>());
       });
 
   // The rank-sized correction: n^2 = ||W0||^2 + 2 s rowsum(B * W0 A^T) + s^2 rowsum((B (A A^T)) * B).
   const at::Tensor squared = base_sq.add(b.mul(base_A).sum(1), 2.0 * scaling)
-                                 .add(at::mm(b, at::mm(a, a_t)).mul(b).sum(1), scaling * scaling);
+                                 .add(at::mm(b, at::mm(a, a.t())).mul(b).sum(1), scaling * scaling);
   return {squared.clamp_min(0.0).sqrt().clamp_min(kNormFloor), base_A};
 }
 
