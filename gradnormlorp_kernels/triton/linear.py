@@ -98,6 +98,35 @@ def _matmul_f32_kernel(
              mask=(row < M)[:, None] & (col < N)[None, :])
 
 
+@triton.jit
+def _lora_a_grad_kernel(
+    p1_ptr, p2_ptr, k_ptr, a_ptr, out_ptr, rank, cols, stride_p1, stride_p2, stride_a, scaling,
+    DETACH: tl.constexpr, BITWISE_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dA = s (P1 - P2 - s K A) for a block of columns, P1 = (gh B)^T x, P2 = (B c2)^T W0, K = (B c2)^T B
+    (DETACH: c2 = 0, dA = s P1)."""
+    r = tl.arange(0, BLOCK_R)
+    col = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_mask = r < rank
+    mask = r_mask[:, None] & (col < cols)[None, :]
+    value = tl.load(p1_ptr + r[:, None] * stride_p1 + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    if not DETACH:
+        value -= tl.load(p2_ptr + r[:, None] * stride_p2 + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        k_a = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for inner_start in range(0, rank, BLOCK_K):  # K A in slices of K's columns: no (r, r) tile in registers
+            inner = inner_start + tl.arange(0, BLOCK_K)
+            inner_mask = inner < rank
+            k = tl.load(k_ptr + r[:, None] * rank + inner[None, :], mask=r_mask[:, None] & inner_mask[None, :],
+                        other=0.0)
+            a = tl.load(a_ptr + inner[:, None] * stride_a + col[None, :],
+                        mask=inner_mask[:, None] & (col < cols)[None, :], other=0.0).to(tl.float32)
+            k_a += tl.dot(k, a, input_precision="ieee")
+        value -= scaling * k_a
+    tl.store(out_ptr + r[:, None] * cols + col[None, :], _round_to(scaling * value, out_ptr.dtype.element_ty, BITWISE_BF16),
+             mask=mask)
+
+
 def normalized_weight(weight, lora_A, lora_B, row_scale, scaling, dtype):
     """diag(row_scale) (weight + s B A) in `dtype` (`lora_A` None: diag(row_scale) weight)."""
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
@@ -157,32 +186,43 @@ def adapter_backward(grad_out, x, out, x_A, base_weight, base_A, lora_A, lora_B,
                      detach_norm):
     """Same contract as the reference op; float64 takes the reference path.
 
-    One pass over g and y gives c1, c2, dM and gh^T (x A^T); dx = g W with W rebuilt from W0 (one pass
-    over W0); gh B = g (c1 B) and (gh B)^T x are thin GEMMs; (B c2)^T W0 is skipped when c2 == 0.
+    One pass over g and y gives c1, c2, dM and dB; dx = g W with W rebuilt from W0 (one pass over W0);
+    gh B = g (c1 B) and (gh B)^T x are thin GEMMs, (B c2)^T W0 one more (skipped when c2 == 0), and
+    one small kernel combines dA: few launches, since each costs microseconds at this layer's scale.
     """
     if x.dtype == torch.float64:
         return adapter_backward_op.reference(
             grad_out, x, out, x_A, base_weight, base_A, lora_A, lora_B, magnitude, norm, bias, scaling, detach_norm
         )
     g = grad_out.to(x.dtype)
-    row_scale, c2, grad_magnitude, g_scaled_x_A = column_pass(g, out, bias, magnitude, norm, detach_norm, x_A)
-    weight = normalized_weight(base_weight, lora_A, lora_B, row_scale, scaling, x.dtype)
-    grad_x = g @ weight
     a = lora_A.to(torch.float32)
     b = lora_B.to(torch.float32)
-    g_B = g @ (b * row_scale[:, None]).to(x.dtype)  # (gh B), (T, r)
-    grad_B = g_scaled_x_A
-    grad_A = (g_B.T @ x).to(torch.float32)
-    if not detach_norm:
-        b_c2 = b * c2[:, None]
-        grad_B = grad_B - c2[:, None] * (base_A.to(torch.float32) + scaling * (b @ (a @ a.T)))
-        grad_A = grad_A - (b_c2.T.to(base_weight.dtype) @ base_weight).to(torch.float32) - scaling * (b_c2.T @ b) @ a
-    return (
-        grad_x,
-        (scaling * grad_A).to(lora_A.dtype),
-        (scaling * grad_B).to(lora_B.dtype),
-        grad_magnitude.to(magnitude.dtype),
+    b_gram = None if detach_norm else b @ (a @ a.T)
+    row_scale, c2, grad_magnitude, grad_B = column_pass(
+        g, out, bias, magnitude, norm, detach_norm, (x_A, base_A, b_gram if b_gram is not None else b, scaling,
+                                                     lora_B.dtype)
     )
+    grad_x = g @ normalized_weight(base_weight, lora_A, lora_B, row_scale, scaling, x.dtype)
+    g_B = g @ (b * row_scale[:, None]).to(x.dtype)  # gh B, (T, r)
+    first = g_B.T @ x  # (r, in)
+    rank, cols = lora_A.shape
+    grad_A = torch.empty(rank, cols, dtype=lora_A.dtype, device=x.device)
+    if detach_norm:
+        second, gram = first, first  # unused pointers
+    else:
+        b_c2 = b * c2[:, None]
+        second = b_c2.T.to(base_weight.dtype) @ base_weight  # (B c2)^T W0, (r, in)
+        gram = (b_c2.T @ b).contiguous()  # (B c2)^T B, (r, r)
+    a_arg = lora_A if lora_A.stride(1) == 1 else lora_A.contiguous()
+    if grad_A.numel():
+        block_r = max(16, triton.next_power_of_2(rank))
+        block_n, warps = (128, 4) if block_r <= 32 else (32, 8)  # spill-free tiles (sm_90 resource report)
+        _lora_a_grad_kernel[(triton.cdiv(cols, block_n),)](
+            first, second, gram, a_arg, grad_A, rank, cols, first.stride(0), second.stride(0), a_arg.stride(0),
+            float(scaling), DETACH=bool(detach_norm), BITWISE_BF16=bitwise_bf16(lora_A.dtype),
+            BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=16, num_warps=warps,
+        )
+    return grad_x, grad_A, grad_B, grad_magnitude.to(magnitude.dtype)
 
 
 def full_forward(x, direction, row_scale, bias):

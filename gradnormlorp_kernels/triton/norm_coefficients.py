@@ -2,7 +2,8 @@
 
 Each program sums a slab of rows for a block of columns into a float32 partial (deterministic: no
 atomics); a second small kernel adds the partials and forms c1 = M / n, dM, c2. In adapter mode the
-same pass also accumulates `g^T (x A^T)`, so the backward reads `g` for it no second time.
+same pass also accumulates `g^T (x A^T)` and the finishing kernel forms dB, so the backward reads `g`
+for it no second time.
 """
 
 import torch
@@ -11,6 +12,7 @@ import triton.language as tl
 
 from .._dispatch import triton_interpreted
 from ..ops.norm_coefficients import norm_coefficients as norm_coefficients_op
+from .rounding import _round_to, bitwise_bf16
 
 # Programs the column pass aims for: enough to cover a GPU's multiprocessors several times over.
 _TARGET_PROGRAMS = 512
@@ -58,11 +60,14 @@ def _column_partials_kernel(
 
 @triton.jit
 def _finish_coefficients_kernel(
-    partial_ptr, partial_xa_ptr, magnitude_ptr, norm_ptr, row_scale_ptr, c2_ptr, grad_magnitude_ptr, g_xa_ptr,
-    cols, rank, splits,
-    DETACH: tl.constexpr, HAS_XA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    partial_ptr, partial_xa_ptr, magnitude_ptr, norm_ptr, base_a_ptr, b_gram_ptr,
+    row_scale_ptr, c2_ptr, grad_magnitude_ptr, grad_b_ptr,
+    cols, rank, splits, stride_base_a, stride_b_gram, scaling,
+    DETACH: tl.constexpr, HAS_XA: tl.constexpr, BITWISE_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """c1 = M / n, dM = colsum(g (y - b)) / M, c2 = M dM / n^2 (0 detached), and c1 * g^T (x A^T)."""
+    """c1 = M / n, dM = colsum(g (y - b)) / M, c2 = M dM / n^2 (0 detached); in adapter mode also
+    dB = s (c1 * g^T (x A^T) - c2 * (W0 A^T + s B (A A^T))), from the partials of the column pass."""
     col = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = col < cols
     r = tl.arange(0, BLOCK_R)
@@ -86,20 +91,40 @@ def _finish_coefficients_kernel(
     tl.store(c2_ptr + col, c2, mask=col_mask)
     tl.store(grad_magnitude_ptr + col, grad_magnitude, mask=col_mask)
     if HAS_XA:
-        tl.store(g_xa_ptr + col[:, None] * rank + r[None, :], g_xa * row_scale[:, None], mask=xa_mask)
+        grad_b = g_xa * row_scale[:, None]
+        if not DETACH:
+            base_a = tl.load(base_a_ptr + col[:, None] * stride_base_a + r[None, :], mask=xa_mask, other=0.0)
+            b_gram = tl.load(b_gram_ptr + col[:, None] * stride_b_gram + r[None, :], mask=xa_mask, other=0.0)
+            grad_b = grad_b - c2[:, None] * (base_a.to(tl.float32) + scaling * b_gram.to(tl.float32))
+        grad_b = _round_to(scaling * grad_b, grad_b_ptr.dtype.element_ty, BITWISE_BF16)
+        tl.store(grad_b_ptr + col[:, None] * rank + r[None, :], grad_b, mask=xa_mask)
 
 
-def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, x_A=None):
-    """`(c1, c2, dM, gh^T x_A)` in float32 from one read of `grad_out` and `out` (the last is None without
-    `x_A`). Inputs must not be float64 (the callers route that to the reference)."""
+def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None):
+    """`(c1, c2, dM, dB)` from one read of `grad_out` and `out`; c1, c2, dM in float32. `lora`, in adapter
+    mode, is `(x_A, W0 A^T, B (A A^T), s, dtype of dB)`; without it dB is None. Inputs must not be
+    float64 (the callers route that to the reference)."""
     rows, cols = grad_out.shape
     device = grad_out.device
     magnitude, norm = magnitude.contiguous(), norm.contiguous()
     bias = None if bias is None else bias.contiguous()
     grad_out = grad_out if grad_out.stride(1) == 1 else grad_out.contiguous()
     out = out if out.stride(1) == 1 else out.contiguous()
-    has_xa = x_A is not None
-    rank = x_A.shape[1] if has_xa else 0
+    has_xa = lora is not None
+    row_scale = torch.empty(cols, dtype=torch.float32, device=device)
+    c2 = torch.empty_like(row_scale)
+    grad_magnitude = torch.empty_like(row_scale)
+    if has_xa:
+        x_A, base_A, b_gram, scaling, grad_dtype = lora
+        x_A = x_A if x_A.stride(1) == 1 else x_A.contiguous()
+        base_A = base_A if base_A.stride(1) == 1 else base_A.contiguous()
+        b_gram = b_gram if b_gram.stride(1) == 1 else b_gram.contiguous()
+        rank = x_A.shape[1]
+        grad_B = torch.empty(cols, rank, dtype=grad_dtype, device=device)
+    else:
+        rank, scaling, grad_dtype, grad_B = 0, 0.0, torch.float32, None
+    if cols == 0:
+        return row_scale, c2, grad_magnitude, grad_B
     block_r = max(16, triton.next_power_of_2(rank))
     # Tiles whose (block_n, r) accumulator fits in registers without spilling (sm_90 resource report).
     block_n = 128 if not has_xa else (64 if block_r <= 32 else 32)
@@ -109,17 +134,10 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, x_A=None):
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_t) * block_t
     splits = max(1, triton.cdiv(rows, rows_per_split))
     partial = torch.empty(splits, cols, dtype=torch.float32, device=device)
-    row_scale = torch.empty(cols, dtype=torch.float32, device=device)
-    c2 = torch.empty_like(row_scale)
-    grad_magnitude = torch.empty_like(row_scale)
     if has_xa:
-        x_A = x_A if x_A.stride(1) == 1 else x_A.contiguous()
         partial_xa = torch.empty(splits, cols, rank, dtype=torch.float32, device=device)
-        g_xa = torch.empty(cols, rank, dtype=torch.float32, device=device)
     else:
-        x_A = partial_xa = g_xa = partial  # unused pointers
-    if cols == 0:
-        return row_scale, c2, grad_magnitude, (g_xa if has_xa else None)
+        x_A = base_A = b_gram = partial_xa = partial  # unused pointers
     native = (has_xa and grad_out.dtype == x_A.dtype and grad_out.dtype in (torch.bfloat16, torch.float16)
               and not triton_interpreted())
     _column_partials_kernel[(col_blocks, splits)](
@@ -130,10 +148,13 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, x_A=None):
     )
     finish_block = 64 if block_r <= 32 else 16
     _finish_coefficients_kernel[(triton.cdiv(cols, finish_block),)](
-        partial, partial_xa, magnitude, norm, row_scale, c2, grad_magnitude, g_xa, cols, rank, splits,
-        DETACH=bool(detach_norm), HAS_XA=has_xa, BLOCK_N=finish_block, BLOCK_R=block_r, num_warps=4,
+        partial, partial_xa, magnitude, norm, base_A, b_gram, row_scale, c2, grad_magnitude,
+        grad_B if has_xa else partial, cols, rank, splits,
+        base_A.stride(0) if has_xa else 0, b_gram.stride(0) if has_xa else 0, float(scaling),
+        DETACH=bool(detach_norm), HAS_XA=has_xa, BITWISE_BF16=bitwise_bf16(grad_dtype),
+        BLOCK_N=finish_block, BLOCK_R=block_r, num_warps=4,
     )
-    return row_scale, c2, grad_magnitude, (g_xa if has_xa else None)
+    return row_scale, c2, grad_magnitude, grad_B
 
 
 def norm_coefficients(grad_out, out, bias, magnitude, norm, detach_norm):
