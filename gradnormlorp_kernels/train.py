@@ -446,6 +446,8 @@ def plot_losses(results: list[MethodResult], path: Path, config: TrainConfig) ->
     import matplotlib.pyplot as plt
 
     figure, (train_axis, val_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    # One colour per method, whichever subset ran, so plots of different runs compare at a glance.
+    colours = {method: plt.get_cmap("tab10")(i) for i, method in enumerate(METHODS)}
     for r in results:
         train = [(s, loss) for s, loss, _ in r.curve if not math.isnan(loss)]
         smoothed, ema = [], None
@@ -453,9 +455,9 @@ def plot_losses(results: list[MethodResult], path: Path, config: TrainConfig) ->
             ema = loss if ema is None else 0.9 * ema + 0.1 * loss
             smoothed.append((step, ema))
         if smoothed:
-            train_axis.plot(*zip(*smoothed), label=r.method)
+            train_axis.plot(*zip(*smoothed), label=r.method, color=colours[r.method])
         val = [(s, v) for s, _, v in r.curve if not math.isnan(v)]
-        val_axis.plot(*zip(*val), marker="o", markersize=3, label=r.method)
+        val_axis.plot(*zip(*val), marker="o", markersize=3, label=r.method, color=colours[r.method])
     train_axis.set_title("training loss (EMA 0.9)")
     val_axis.set_title("validation loss")
     for axis in (train_axis, val_axis):
