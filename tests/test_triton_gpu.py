@@ -56,7 +56,7 @@ def _compile_cases():
     bf16_w = {"w_ptr": "*bf16"}
     lora = {"w_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16"}
     grads = {"g_ptr": "*bf16", "y_ptr": "*bf16", "bias_ptr": "*bf16", "xa_ptr": "*bf16"}
-    back = {"LOW_RANK": True, "BITWISE_BF16": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_R": 32}
+    back = {"LOW_RANK": True, "BITWISE_BF16": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32}
     return [
         ("row_norm", row_norm._row_norm_kernel, bf16_w, {"BLOCK_M": 4, "BLOCK_N": 1024}, 4, {}),
         ("adapter_row_norm-r16", row_norm._adapter_row_norm_kernel, lora,
@@ -93,8 +93,15 @@ def _compile_cases():
         ("quantize", quant8._quantize_blockwise_kernel, {"codes_ptr": "*u8"}, {"BLOCK": 256}, 2, {}),
         ("dequantize", quant8._dequantize_blockwise_kernel, {"codes_ptr": "*u8"}, {"BLOCK": 256}, 2, {}),
         ("project_back-bf16", project_back._project_back_update_kernel, bf16_w, {**back, "DOT_PRECISION": "tf32"}, 8, {}),
-        ("project_back-fp32", project_back._project_back_update_kernel, {}, {**back, "DOT_PRECISION": "tf32x3"}, 8, {}),
+        ("project_back-fp32", project_back._project_back_update_kernel, {},
+         {**back, "DOT_PRECISION": "tf32x3", "BLOCK_M": 32}, 8, {}),
+        ("project_back-dense", project_back._project_back_update_kernel, bf16_w,
+         {**back, "LOW_RANK": False, "DOT_PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": 256}, 4, {}),
+        ("row_norm_from_squares", project_back._row_norm_from_squares_kernel, {}, {"BLOCK": 1024}, 4, {}),
     ]
+
+
+_INTEGER_ARGS = ("rows", "cols", "rank", "numel", "splits", "rows_per_split", "cols_per_split", "M", "N", "K")
 
 
 def _hopper_toolchain():
@@ -127,9 +134,7 @@ def compile_for_hopper(directory: Path) -> list[str]:
                 signature[arg] = "constexpr"
             elif arg.endswith("_ptr"):
                 signature[arg] = pointer_types.get(arg, "*fp32")
-            elif arg in ("rows", "cols", "rank", "numel", "splits", "rows_per_split", "M", "N", "K") or (
-                arg.startswith("stride")
-            ):
+            elif arg in _INTEGER_ARGS or arg.startswith("stride"):
                 signature[arg] = "i32"
             else:
                 signature[arg] = "fp32"
