@@ -76,7 +76,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--dim", type=_positive_int, help="model width (CPU 128, GPU 512)")
     size.add_argument("--layers", type=_positive_int, help="transformer blocks (CPU 2, GPU 8)")
     size.add_argument("--heads", type=_positive_int, help="attention heads (CPU 4, GPU 8)")
-    size.add_argument("--update-proj-gap", type=_positive_int, help="steps between subspace refreshes (CPU 50, GPU 200)")
+    size.add_argument("--update-proj-gap", type=_positive_int,
+                      help="steps between subspace refreshes (CPU 50, GPU 200)")
     size.add_argument("--eval-every", type=_positive_int, help="steps between validation evaluations (CPU 25, GPU 100)")
     size.add_argument("--eval-batches", type=_positive_int, help="validation batches per evaluation (CPU 4, GPU 16)")
     parser.add_argument(
@@ -85,9 +86,11 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model init and the data order (default 0)")
-    parser.add_argument("--out", default="runs/train", help="folder for results.csv, losses.csv, loss.png (default runs/train)")
+    parser.add_argument("--out", default="runs/train",
+                        help="folder for results.csv, losses.csv, loss.png, config.json (default runs/train)")
     parser.add_argument(
-        "--corpus", help="a text file or a directory of text files to train on (default: this Python's standard library source)"
+        "--corpus",
+        help="a text file or a directory of text files to train on (default: this Python's standard library source)",
     )
     parser.add_argument("--max-corpus-bytes", type=_positive_int, default=DEFAULT_MAX_BYTES,
                         help=f"read at most this many bytes of text (default {DEFAULT_MAX_BYTES})")
@@ -128,7 +131,8 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for key in settings:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    if settings["heads"] > settings["dim"] or settings["dim"] % settings["heads"] or (settings["dim"] // settings["heads"]) % 2:
+    dim, heads = settings["dim"], settings["heads"]
+    if heads > dim or dim % heads or (dim // heads) % 2:
         parser.error(f"--dim {settings['dim']} must be divisible by --heads {settings['heads']} into an even head size")
     if settings["rank"] > settings["dim"]:
         parser.error(f"--rank {settings['rank']} must be at most --dim {settings['dim']} (the smallest weight side)")
@@ -172,7 +176,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .train import __doc__ as train_doc
 
-    parser = argparse.ArgumentParser(prog="gradnormlorp", description="GradNormLoRP kernels: info, training job, benchmarks.")
+    parser = argparse.ArgumentParser(prog="gradnormlorp",
+                                     description="GradNormLoRP kernels: info, training job, benchmarks.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{info,train,bench}")
     commands.add_parser("info", help="backends, device and versions")
     train_parser = commands.add_parser(

@@ -381,7 +381,6 @@ def run_method(method: str, init_state: dict, model_config: LlamaConfig, batches
         steps=config.steps - first_step,
         curve=curve,
     )
-    del model, optimizer
     return result, snapshot
 
 

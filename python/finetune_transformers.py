@@ -54,7 +54,8 @@ def train(model, optimizer, stream, steps: int, label: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps (the stand-in pre-training runs as many)")
+    parser.add_argument("--steps", type=int, default=40,
+                        help="fine-tuning steps (the stand-in pre-training runs as many)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--out", help="where to save the merged model (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0)
