@@ -1,7 +1,8 @@
 """The Triton kernels on a real GPU at real shapes, against the reference ops and a float64 truth.
 
-`test_kernel_compiles_for_hopper` runs anywhere (no GPU): it compiles each kernel, at the launchers'
-tile sizes, for sm_90 and checks the compiler's resource report for register spills. Each other test compares the Triton op with the reference op run in the same low precision on the GPU (the
+`test_kernels_compile_for_hopper` runs anywhere (no GPU): it compiles each kernel, at the launchers'
+tile sizes, for sm_90 and checks the compiler's resource report for register spills. Each other test
+compares the Triton op with the reference op run in the same low precision on the GPU (the
 PyTorch baseline) and with a float64 truth: Triton may be at most `FACTOR` times further from the truth
 than the baseline. Run on the device machine: `python -m pytest -m gpu tests/test_triton_gpu.py`.
 `python tests/test_triton_gpu.py` prints median timings of every Triton op against its reference, and the
@@ -92,7 +93,8 @@ def _compile_cases():
          {"LERP_FROM_END": False, "QUANTIZED": False, "BLOCK": 1024}, 4, {"enable_fp_fusion": False}),
         ("quantize", quant8._quantize_blockwise_kernel, {"codes_ptr": "*u8"}, {"BLOCK": 256}, 2, {}),
         ("dequantize", quant8._dequantize_blockwise_kernel, {"codes_ptr": "*u8"}, {"BLOCK": 256}, 2, {}),
-        ("project_back-bf16", project_back._project_back_update_kernel, bf16_w, {**back, "DOT_PRECISION": "tf32"}, 8, {}),
+        ("project_back-bf16", project_back._project_back_update_kernel, bf16_w, {**back, "DOT_PRECISION": "tf32"}, 8,
+         {}),
         ("project_back-fp32", project_back._project_back_update_kernel, {},
          {**back, "DOT_PRECISION": "tf32x3", "BLOCK_M": 32}, 8, {}),
         ("project_back-dense", project_back._project_back_update_kernel, bf16_w,
@@ -354,7 +356,8 @@ def _bench_cases():
                                                                       False)),
         ("adam_update 8-bit", numel * (4 + 2 + 2 + 4), lambda: ops.adam_update(*adam8)),
         ("adam_update fp32", numel * (4 + 16 + 4), lambda: ops.adam_update(*adam32)),
-        ("project_back_update", 2 * big, lambda: ops.project_back_update(weight, direction, left, None, 1e-6, 0.0, gate)),
+        ("project_back_update", 2 * big,
+         lambda: ops.project_back_update(weight, direction, left, None, 1e-6, 0.0, gate)),
         ("adapter_forward", 0, lambda: ops.adapter_forward(c["x"], c["base_weight"], c["lora_A"], c["lora_B"],
                                                            row_scale, 2.0, c["bias"])),
         ("adapter_backward", 0, lambda: ops.adapter_backward(c["grad_out"], c["x"], y, x_A, c["base_weight"], base_A,
@@ -394,18 +397,22 @@ def _layer_seconds(do_bench):
     return times
 
 
+def _copy_bandwidth(do_bench) -> float:
+    """GB/s of a 1 GiB device-to-device copy, counting bytes read and written."""
+    source = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    milliseconds = do_bench(lambda: target.copy_(source), return_mode="median")
+    return 2 * source.numel() / milliseconds / 1e6
+
+
 def main() -> int:
     from triton.testing import do_bench
 
     from gradnormlorp_kernels import use_backend
 
     torch.manual_seed(0)
-    source = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    target = torch.empty_like(source)
-    copy_ms = do_bench(lambda: target.copy_(source), return_mode="median")
-    copy_bw = 2 * source.numel() / copy_ms / 1e6
+    copy_bw = _copy_bandwidth(do_bench)
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_bw:.0f} GB/s (read + write)")
-    del source, target
     print(f"{'op':34s} {'triton ms':>10s} {'reference ms':>13s} {'speed-up':>9s} {'GB/s':>7s} {'of copy':>8s}")
     for name, floor_bytes, call in _bench_cases():
         times = {}

@@ -50,8 +50,8 @@ def _normalized_weight_kernel(
         value += scaling * lora
     row_scale = tl.load(row_scale_ptr + row, mask=row_mask, other=0.0).to(tl.float32)
     value = value * row_scale[:, None]
-    tl.store(out_ptr + row[:, None] * stride_out + col[None, :], _round_to(value, out_ptr.dtype.element_ty, BITWISE_BF16),
-             mask=mask)
+    value = _round_to(value, out_ptr.dtype.element_ty, BITWISE_BF16)
+    tl.store(out_ptr + row[:, None] * stride_out + col[None, :], value, mask=mask)
 
 
 @triton.jit
@@ -69,8 +69,8 @@ def _direction_grad_kernel(
     c1 = tl.load(row_scale_ptr + row, mask=row_mask, other=0.0)
     c2 = tl.load(c2_ptr + row, mask=row_mask, other=0.0)
     value = c1[:, None] * g - c2[:, None] * v
-    tl.store(out_ptr + row[:, None] * stride_out + col[None, :], _round_to(value, out_ptr.dtype.element_ty, BITWISE_BF16),
-             mask=mask)
+    value = _round_to(value, out_ptr.dtype.element_ty, BITWISE_BF16)
+    tl.store(out_ptr + row[:, None] * stride_out + col[None, :], value, mask=mask)
 
 
 @triton.jit
@@ -123,8 +123,8 @@ def _lora_a_grad_kernel(
                         mask=inner_mask[:, None] & (col < cols)[None, :], other=0.0).to(tl.float32)
             k_a += tl.dot(k, a, input_precision="ieee")
         value -= scaling * k_a
-    tl.store(out_ptr + r[:, None] * cols + col[None, :], _round_to(scaling * value, out_ptr.dtype.element_ty, BITWISE_BF16),
-             mask=mask)
+    value = _round_to(scaling * value, out_ptr.dtype.element_ty, BITWISE_BF16)
+    tl.store(out_ptr + r[:, None] * cols + col[None, :], value, mask=mask)
 
 
 def normalized_weight(weight, lora_A, lora_B, row_scale, scaling, dtype):
