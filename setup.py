@@ -64,6 +64,8 @@ def _extension_build():
                 print(f"gradnormlorp: building {ext.name} failed ({exc}); the package works without it "
                       "(gradnormlorp_kernels.backends() says so)", file=sys.stderr)
 
+    # pip installs ninja next to the interpreter, which is not on PATH when the venv is not activated.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     sources = sorted(glob.glob(f"{CSRC}/*.cpp"))
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("GRADNORMLORP_NO_CUDA")
