@@ -367,11 +367,6 @@ def test_zero_row_weight_gives_finite_gradients(mode):
         assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: the backward recovers u = (y - b) / (M / n) from the saved output, which "
-    "cancels when |b| >> |u| (dM error ~20-70x a plain autograd baseline at |b| = 100 |u|)",
-)
 @pytest.mark.parametrize("mode", MODES)
 def test_magnitude_gradient_with_a_large_bias(mode):
     layer, layer64, x, g = _low_precision_case(mode, torch.float32, 129, 17, 4, 77)
