@@ -330,6 +330,41 @@ def test_project_back_update(dtype, side):
     assert_within_baseline(norm, reference_norm, truth_norm, dtype, factor=FACTOR, name="norm")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["adapter", "full"])
+def test_layer_forward_backward(mode):
+    """The whole layer on the Triton backend against the reference backend (bf16) and float64."""
+    import copy
+
+    from gradnormlorp_kernels import GradNormLoRPLinear, use_backend
+
+    linear = torch.nn.Linear(D // 4, D // 2, device="cuda", dtype=torch.bfloat16)
+    layer = GradNormLoRPLinear.from_linear(linear, rank=RANK, alpha=2 * RANK, mode=mode)
+    with torch.no_grad():  # away from the init (B = 0, M = n) so that every gradient term matters
+        for name, p in layer.named_parameters():
+            if name == "lora_B":
+                p.normal_(0, 0.02)
+            if name == "magnitude":
+                p.mul_(torch.rand_like(p) + 0.5)
+    x = _cuda(T // 4, D // 4)
+    grad = _cuda(T // 4, D // 2)
+
+    def run(module, backend, dtype):
+        inputs = x.to(dtype).requires_grad_()
+        module.zero_grad(set_to_none=True)
+        with use_backend(backend):
+            out = module(inputs)
+            out.backward(grad.to(dtype))
+        trainable = [p.grad for p in module.parameters() if p.requires_grad]
+        return [out, inputs.grad] + trainable
+
+    truth = run(copy.deepcopy(layer).double(), "reference", torch.float64)
+    baseline = run(layer, "reference", torch.bfloat16)
+    ours = run(layer, "triton", torch.bfloat16)
+    for i, (a, b, t) in enumerate(zip(ours, baseline, truth)):
+        assert_within_baseline(a, b, t, torch.bfloat16, factor=FACTOR, name=f"{mode} layer output/gradient {i}")
+
+
 # ---- timings: python tests/test_triton_gpu.py ----
 
 
