@@ -7,6 +7,7 @@ import triton.language as tl
 from ..ops._common import NORM_FLOOR
 from ..ops.project_back import project_back_update as project_back_update_op
 from .rounding import _round_to, bitwise_bf16
+from .row_norm import row_norm
 
 # Programs the weight pass aims for: a few per multiprocessor of a large GPU.
 _TARGET_PROGRAMS = 512
@@ -89,6 +90,12 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate):
         factor_left, factor_right = None, direction.contiguous()
     low_rank = factor_left is not None
     rank = factor_left.shape[1] if low_rank else 0
+    if low_rank and decay == 0.0 and weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
+        # cuBLAS reads and writes the weight once (W + alpha L R, accumulated in float32) at close to the
+        # memory floor; the (gated) factors are rounded to the weight's dtype, as GaLore's update is.
+        gated_right = (factor_right * gate.to(torch.float32)).to(weight.dtype)
+        weight.addmm_(factor_left.to(weight.dtype), gated_right, alpha=-float(step_size))
+        return row_norm(weight)
     norm = torch.empty(rows, dtype=torch.float32, device=weight.device)
     if rows == 0:
         return norm

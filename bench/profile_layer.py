@@ -1,0 +1,48 @@
+"""Where a layer's forward+backward spends its GPU time: torch.profiler's kernel table for one config.
+
+    python bench/profile_layer.py [--mode adapter|full] [--features 4096] [--tokens 8192] [--rank 16]
+"""
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from gradnormlorp_kernels import GradNormLoRPLinear
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("adapter", "full"), default="adapter")
+    parser.add_argument("--features", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=25, help="kernels to list")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    base = torch.nn.Linear(args.features, args.features, bias=False, device=device, dtype=torch.bfloat16)
+    layer = GradNormLoRPLinear.from_linear(base, rank=args.rank, alpha=2 * args.rank, mode=args.mode)
+    with torch.no_grad():
+        if layer.lora_B is not None:
+            layer.lora_B.normal_(std=0.01)
+    x = torch.randn(args.tokens, args.features, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(args.tokens, args.features, device=device, dtype=torch.bfloat16)
+
+    def step() -> None:
+        layer(x).backward(grad)
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
