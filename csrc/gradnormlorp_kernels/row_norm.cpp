@@ -41,40 +41,59 @@ void row_squares(const scalar_t* w, int64_t rows, int64_t cols, acc_t* out) {
 // at rank 64), so W0 is read by the GEMM and once more for its squares.
 constexpr int64_t kFusedAdapterMaxRank = 32;
 
-// Squared row norms and W0 A^T, one row of W0 at a time: the row (widened to acc_t when W0 is
-// narrower) stays in L1 while it is dotted with the rank rows of A, which stay in L2. W0 is read once
+// Rows of W0 dotted with A together: each element of A loaded serves this many rows.
+constexpr int64_t kAdapterRowGroup = 4;
+
+// Squared row norms and W0 A^T, a group of rows of W0 at a time: the rows (widened to acc_t when W0 is
+// narrower) stay in L1 while they are dotted with the rank rows of A, which stay in L2. W0 is read once
 // and no widened copy of it is ever stored.
 template <typename scalar_t, typename acc_t>
 void adapter_rows(const scalar_t* w, int64_t rows, int64_t cols, const acc_t* a, int64_t rank, acc_t* squares,
                   acc_t* base_A) {
+  constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
+  const int64_t groups = (rows + kAdapterRowGroup - 1) / kAdapterRowGroup;
 #pragma omp parallel num_threads(thread_count())
   {
-    std::vector<acc_t> widened(std::is_same_v<scalar_t, acc_t> ? 0 : cols);
+    std::vector<acc_t> widened(kWiden ? kAdapterRowGroup * cols : 0);
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < rows; ++i) {
-      const scalar_t* row = w + i * cols;
-      const acc_t* x;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        x = row;
-        squares[i] = row_sum_of_squares<acc_t>(row, cols);
-      } else {
-        acc_t* dst = widened.data();
-        acc_t sum = 0;
+    for (int64_t group = 0; group < groups; ++group) {
+      const int64_t first = group * kAdapterRowGroup;
+      const int64_t count = std::min(kAdapterRowGroup, rows - first);
+      const acc_t* x[kAdapterRowGroup];
+      for (int64_t r = 0; r < kAdapterRowGroup; ++r) {
+        // A short last group repeats its last row; those results are not stored.
+        const int64_t i = first + std::min(r, count - 1);
+        const scalar_t* row = w + i * cols;
+        if constexpr (kWiden) {
+          acc_t* dst = widened.data() + r * cols;
+          acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < cols; ++j) {
-          const acc_t v = load_as<acc_t>(row[j]);
-          dst[j] = v;
-          sum += v * v;
+          for (int64_t j = 0; j < cols; ++j) {
+            const acc_t v = load_as<acc_t>(row[j]);
+            dst[j] = v;
+            sum += v * v;
+          }
+          if (r < count) squares[i] = sum;
+          x[r] = dst;
+        } else {
+          if (r < count) squares[i] = row_sum_of_squares<acc_t>(row, cols);
+          x[r] = row;
         }
-        squares[i] = sum;
-        x = dst;
       }
+      const acc_t *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
       for (int64_t k = 0; k < rank; ++k) {
         const acc_t* a_row = a + k * cols;
-        acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < cols; ++j) dot += x[j] * a_row[j];
-        base_A[i * rank + k] = dot;
+        acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+        for (int64_t j = 0; j < cols; ++j) {
+          const acc_t v = a_row[j];
+          d0 += x0[j] * v;
+          d1 += x1[j] * v;
+          d2 += x2[j] * v;
+          d3 += x3[j] * v;
+        }
+        const acc_t dots[kAdapterRowGroup] = {d0, d1, d2, d3};
+        for (int64_t r = 0; r < count; ++r) base_A[(first + r) * rank + k] = dots[r];
       }
     }
   }
