@@ -44,7 +44,12 @@ def _extension_build():
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import (
+            CUDA_HOME,
+            BuildExtension,
+            CppExtension,
+            CUDAExtension,
+        )
     except ImportError:
         if _flag("GRADNORMLORP_REQUIRE_EXTENSION"):
             raise

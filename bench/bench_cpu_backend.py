@@ -23,7 +23,7 @@ import torch
 # Run from a checkout without installing: the package sits next to this folder.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gradnormlorp_kernels import _dispatch, _extension, ops  # noqa: E402
+from gradnormlorp_kernels import _dispatch, _extension, ops
 
 THREADS = 2
 SIZE = 4096

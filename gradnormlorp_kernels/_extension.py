@@ -40,8 +40,10 @@ def load():
                 "GRADNORMLORP_NO_EXTENSION=1, or its build failed: reinstall with "
                 "`pip install --no-build-isolation .` to see why)"
             )
-        except Exception as exc:  # an .so built for another torch/CUDA fails here with undefined symbols
-            _error = f"gradnormlorp_kernels._C does not load with torch {torch.__version__}: {type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 (an .so built for another torch/CUDA fails with undefined symbols)
+            _error = (
+                f"gradnormlorp_kernels._C does not load with torch {torch.__version__}: {type(exc).__name__}: {exc}"
+            )
         else:
             built_for = getattr(module, "torch_version", "unknown")
             if built_for != _torch_release(torch.__version__):
@@ -71,7 +73,7 @@ def _graph_safe(kernel, reference):
     return call
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(backend: str, op_name: str):
     module = load()
     if module is None:

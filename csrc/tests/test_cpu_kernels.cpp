@@ -187,7 +187,8 @@ void test_project_back() {
         if (use_right) update = update.mm(right.t());
         const std::optional<at::Tensor> l = use_left ? std::optional<at::Tensor>(left) : std::nullopt;
         const std::optional<at::Tensor> r = use_right ? std::optional<at::Tensor>(right) : std::nullopt;
-        const std::string name = "project_back left=" + std::to_string(use_left) + " right=" + std::to_string(use_right);
+        const std::string name =
+            "project_back left=" + std::to_string(use_left) + " right=" + std::to_string(use_right);
         for (const double gate : {1.0, 0.0}) {
           at::Tensor w = at::randn({rows, cols}, at::kDouble);
           const at::Tensor expected = w * (1 - gate * 0.1) - (gate * 0.01) * update;
