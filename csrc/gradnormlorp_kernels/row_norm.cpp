@@ -36,9 +36,9 @@ void row_squares(const scalar_t* w, int64_t rows, int64_t cols, acc_t* out) {
   for (int64_t i = 0; i < rows; ++i) out[i] = row_sum_of_squares<acc_t>(w + i * cols, cols);
 }
 
-// Up to this rank W0 A^T is computed row by row in the pass that reads W0 (adapter_rows); above it
-// the SSE dot products lose to the BLAS GEMM (on 2 threads, 4096 x 4096: on par at rank 16, 1.8x slower
-// at rank 64), so W0 is read by the GEMM and once more for its squares.
+// Up to this rank W0 A^T is computed in the pass that reads W0 (adapter_rows); above it the SSE dot
+// products lose to the BLAS GEMM (2 threads, 4096 x 4096, measured one row at a time: on par at rank 16,
+// 1.8x slower at rank 64), so W0 is read by the GEMM and once more for its squares.
 constexpr int64_t kFusedAdapterMaxRank = 32;
 
 // Rows of W0 dotted with A together: each element of A loaded serves this many rows.
