@@ -123,20 +123,20 @@ def resolve_device(device: str | None) -> str:
 # ---- measurement helpers ----
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor reachable from `optimizer.state` (inside dicts, lists and objects such as
-    GaLore's projector), each storage counted once (bitsandbytes shares its quantisation maps)."""
-    seen_storages: set[tuple[int, int]] = set()
+    """Bytes (numel x element size) of every tensor reachable from `optimizer.state`, inside dicts, lists
+    and objects such as GaLore's projector; a tensor reached twice (bitsandbytes shares its quantisation
+    maps between parameters) counts once. A view counts its own elements, not the storage behind it."""
+    seen_tensors: set[tuple] = set()
     seen_objects: set[int] = set()
     total = 0
 
     def visit(value) -> None:
         nonlocal total
         if isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-            if key not in seen_storages:
-                seen_storages.add(key)
-                total += storage.nbytes()
+            key = (value.data_ptr(), tuple(value.shape), tuple(value.stride()), value.dtype)
+            if key not in seen_tensors:
+                seen_tensors.add(key)
+                total += value.numel() * value.element_size()
             return
         if id(value) in seen_objects:
             return

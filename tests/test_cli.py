@@ -17,6 +17,14 @@ TINY = ["--steps", "4", "--dim", "16", "--layers", "1", "--heads", "2", "--seq-l
         "--rank", "4", "--update-proj-gap", "2", "--eval-every", "2", "--eval-batches", "1", "--no-progress"]
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """`train` sets torch's thread count for the process; the tests after these keep theirs."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _available_methods() -> list[str]:
     return [m for m in train.METHODS if train.method_availability(m, "cpu")[0]]
 
@@ -80,6 +88,15 @@ def test_train_on_default_stdlib_corpus(tmp_path):
     methods = "gradnormlorp-full,adamw,gradnormlorp-adapter"
     assert cli.main(["train", "--methods", methods, "--max-corpus-bytes", "200000", "--out", str(out), *TINY]) == 0
     _check_outputs(out, ["adamw", "gradnormlorp-full", "gradnormlorp-adapter"])
+
+
+def test_train_on_cpu_runs_one_thread_unless_told(tmp_path):
+    args = ["train", "--methods", "adamw", "--max-corpus-bytes", "50000", *TINY]
+    torch.set_num_threads(2)
+    assert cli.main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert torch.get_num_threads() == 1
+    assert cli.main([*args, "--threads", "2", "--out", str(tmp_path / "b")]) == 0
+    assert torch.get_num_threads() == 2
 
 
 def test_adapter_without_adamw_pretrains_its_base(tmp_path):
