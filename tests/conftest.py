@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from gradnormlorp_kernels import _dispatch  # noqa: E402
+from gradnormlorp_kernels import _dispatch, use_backend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOW_PRECISION = (torch.float32, torch.bfloat16)
@@ -178,3 +178,17 @@ def autograd_dense(weight_fn, x, params: dict, bias, grad_out):
     y = dense_linear(x, weight, bias)
     grads = torch.autograd.grad(y, [x, *leaves.values()], grad_out)
     return y.detach(), norm.detach(), dict(zip(["x", *leaves], grads))
+
+
+@pytest.fixture
+def reference_unless_dispatched(request):
+    """Reference ops (fast on CPU, where Triton runs interpreted), except in tests that take the
+    `dispatched` fixture: those run with whatever backend the dispatcher picks."""
+    with use_backend("auto" if "dispatched" in request.fixturenames else "reference"):
+        yield
+
+
+@pytest.fixture
+def dispatched():
+    """Marker fixture: run this test through the dispatcher's own backend choice."""
+    return None

@@ -9,20 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from gradnormlorp_kernels import GradNormLoRPLinear, use_backend
+from gradnormlorp_kernels import GradNormLoRPLinear
 
-@pytest.fixture(autouse=True)
-def _backend(request):
-    """Reference ops by default (fast on CPU, where Triton runs interpreted); tests that take the
-    `dispatched` fixture run with whatever backend the dispatcher picks (Triton's interpreter in CI)."""
-    with use_backend("auto" if "dispatched" in request.fixturenames else "reference"):
-        yield
-
-
-@pytest.fixture
-def dispatched():
-    """Marker fixture: run this test through the dispatcher's own backend choice."""
-    return None
+# Reference ops unless a test takes the `dispatched` fixture (see conftest.py).
+pytestmark = pytest.mark.usefixtures("reference_unless_dispatched")
 
 
 MODES = ("adapter", "full")

@@ -9,22 +9,12 @@ import torch
 from torch import nn
 
 import gradnormlorp_kernels as gk
-from gradnormlorp_kernels import GradNormLoRPAdamW, GradNormLoRPLinear, use_backend
+from gradnormlorp_kernels import GradNormLoRPAdamW, GradNormLoRPLinear
 
 transformers = pytest.importorskip("transformers")
 
-@pytest.fixture(autouse=True)
-def _backend(request):
-    """Reference ops by default (fast on CPU, where Triton runs interpreted); tests that take the
-    `dispatched` fixture run with whatever backend the dispatcher picks (Triton's interpreter in CI)."""
-    with use_backend("auto" if "dispatched" in request.fixturenames else "reference"):
-        yield
-
-
-@pytest.fixture
-def dispatched():
-    """Marker fixture: run this test through the dispatcher's own backend choice."""
-    return None
+# Reference ops unless a test takes the `dispatched` fixture (see conftest.py).
+pytestmark = pytest.mark.usefixtures("reference_unless_dispatched")
 
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
