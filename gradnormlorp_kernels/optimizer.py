@@ -72,7 +72,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     else is plain AdamW), or parameters / param groups like GaLore's: a group is projected when it
     has `"project": True` or a `"rank"` key, and may override any default below.
 
-    proj_type: "std" projects the larger side (state r x min(out, in)), "left" (state r x in),
+    proj_type: "std" projects the smaller side as GaLore does (projector min(out, in) x r, state
+    max(out, in) x r), "left" (state r x in),
     "right" (out x r), "two_sided" (r x r). refresh: "randomized" (range finder, GEMMs only) or
     "svd" (exact). Refreshes every `update_proj_gap` steps, staggered across matrices. Moments are
     8-bit block-wise (`state_bits=8`, tensors under 4096 elements stay float32) or float32.
@@ -175,7 +176,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     def _sides(group: dict, shape: torch.Size) -> tuple[bool, bool]:
         proj_type = group["proj_type"]
         if proj_type == "std":
-            return (True, False) if shape[0] >= shape[1] else (False, True)
+            # GaLore's choice: the projector spans the smaller side, so it is the smaller of the two
+            # factors kept (it is bf16/fp32; the moments on the larger side are 8-bit).
+            return (False, True) if shape[0] >= shape[1] else (True, False)
         return proj_type in ("left", "two_sided"), proj_type in ("right", "two_sided")
 
     @staticmethod
