@@ -54,4 +54,17 @@ inline void check_contiguous_inplace(const at::Tensor& t, const char* name) {
               ")");
 }
 
+// adapter_row_norm's factors beside base_weight (out, in): lora_A (rank, in), lora_B (out, rank).
+inline void check_adapter_factors(const at::Tensor& base_weight, const at::Tensor& lora_A, const at::Tensor& lora_B) {
+  check_dim(lora_A, "lora_A", 2);
+  check_dim(lora_B, "lora_B", 2);
+  check_device(lora_A, "lora_A", base_weight, "base_weight");
+  check_device(lora_B, "lora_B", base_weight, "base_weight");
+  const int64_t rows = base_weight.size(0), cols = base_weight.size(1), rank = lora_A.size(0);
+  TORCH_CHECK(lora_A.size(1) == cols, "lora_A must have shape (rank, ", cols, ") to match base_weight ",
+              base_weight.sizes(), ", got ", lora_A.sizes());
+  TORCH_CHECK(lora_B.size(0) == rows && lora_B.size(1) == rank, "lora_B must have shape (", rows, ", ", rank,
+              "), got ", lora_B.sizes());
+}
+
 }  // namespace gradnormlorp

@@ -115,15 +115,8 @@ at::Tensor row_norm(const at::Tensor& weight_in) {
 std::tuple<at::Tensor, at::Tensor> adapter_row_norm(const at::Tensor& base_weight_in, const at::Tensor& lora_A,
                                                     const at::Tensor& lora_B, double scaling) {
   check_weight(base_weight_in, "base_weight");
-  check_dim(lora_A, "lora_A", 2);
-  check_dim(lora_B, "lora_B", 2);
-  check_device(lora_A, "lora_A", base_weight_in, "base_weight");
-  check_device(lora_B, "lora_B", base_weight_in, "base_weight");
+  check_adapter_factors(base_weight_in, lora_A, lora_B);
   const int64_t rows = base_weight_in.size(0), cols = base_weight_in.size(1), rank = lora_A.size(0);
-  TORCH_CHECK(lora_A.size(1) == cols, "lora_A must have shape (rank, ", cols, ") to match base_weight ",
-              base_weight_in.sizes(), ", got ", lora_A.sizes());
-  TORCH_CHECK(lora_B.size(0) == rows && lora_B.size(1) == rank, "lora_B must have shape (", rows, ", ", rank,
-              "), got ", lora_B.sizes());
 
   const at::Tensor base_weight = base_weight_in.contiguous();
   const auto acc = accumulation_type(base_weight.scalar_type());
