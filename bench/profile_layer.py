@@ -1,9 +1,14 @@
-"""Where a layer's forward+backward spends its GPU time: torch.profiler's kernel table for one config.
+"""Where a layer's forward+backward spends its time: torch.profiler's kernel table for one config, then
+the host side (Python + launches) alone: wall time of the call without waiting for the GPU, and cProfile's
+functions by own time.
 
     python bench/profile_layer.py [--mode adapter|full] [--features 4096] [--tokens 8192] [--rank 16]
 """
 
 import argparse
+import cProfile
+import pstats
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -42,6 +47,29 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    report_host_time(step, args.rows)
+
+
+def report_host_time(step, rows: int, repeats: int = 20) -> None:
+    """Host time per call: the GPU is kept ahead by a long sleep kernel, so no launch waits on it."""
+    torch.cuda.synchronize()
+    host = []
+    for _ in range(repeats):
+        torch.cuda._sleep(50_000_000)  # tens of ms of GPU work queued first: the calls below never block
+        start = time.perf_counter()
+        step()
+        host.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+    host.sort()
+    print(f"host time per forward+backward: median {1e3 * host[len(host) // 2]:.3f} ms, min {1e3 * host[0]:.3f} ms")
+    profiler = cProfile.Profile()
+    torch.cuda._sleep(200_000_000)
+    profiler.enable()
+    for _ in range(10):
+        step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(rows)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""Where an optimizer step on the LLaMA-1B-shaped weights of the optimizer benchmark spends its time:
+GPU kernels (torch.profiler) and the host side alone (wall time of `step()` while the GPU is kept busy,
+and cProfile's functions by own time).
+
+    python bench/profile_optimizer.py [--rank 128] [--rows 25]
+"""
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from gradnormlorp_kernels import GradNormLoRPAdamW
+from gradnormlorp_kernels.benchmarks.optimizer import SIZES, weight_shapes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    params = [torch.nn.Parameter(torch.randn(shape, device=device, dtype=torch.bfloat16) * 0.02)
+              for shape in weight_shapes(SIZES["full"])]
+    grads = [torch.randn_like(p) for p in params]
+    optimizer = GradNormLoRPAdamW([{"params": params, "project": True}], lr=1e-3, rank=args.rank,
+                                  update_proj_gap=10**6, scale=0.25, state_bits=8)
+
+    def step() -> None:
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    host = []
+    for _ in range(10):
+        torch.cuda._sleep(200_000_000)
+        start = time.perf_counter()
+        step()
+        host.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+    host.sort()
+    print(f"host time per step: median {1e3 * host[len(host) // 2]:.3f} ms, min {1e3 * host[0]:.3f} ms")
+    profiler = cProfile.Profile()
+    torch.cuda._sleep(1_000_000_000)
+    profiler.enable()
+    for _ in range(5):
+        step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(args.rows)
+
+
+if __name__ == "__main__":
+    main()
