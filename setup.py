@@ -79,7 +79,7 @@ def _extension_build():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         extension = CUDAExtension(
             "gradnormlorp_kernels._C",
-            sources + sorted(glob.glob(f"{CSRC}/*.cu")),
+            sources + sorted(glob.glob(f"{CSRC}/cuda/*.cu")),  # own folder: foo.cpp and foo.cu need distinct foo.o
             define_macros=[("GRADNORMLORP_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--fmad=false"]},
             extra_link_args=["-fopenmp"],

@@ -9,7 +9,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from . import ops
+from . import _dispatch, ops
+from ._step_graph import GroupGraphs
 from .layer import GradNormLoRPLinear
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,11 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     8-bit block-wise (`state_bits=8`, tensors under 4096 elements stay float32) or float32.
     A matrix whose gradient has a non-finite element skips its step (states and weight untouched);
     `skipped_steps()` counts them.
+
+    cuda_graph: on a GPU, each group's device work (everything but the occasional refresh) is captured
+    in a CUDA graph and replayed, since launching a dozen kernels per matrix costs far more host time
+    than the GPU spends on them. Results are bit-identical to the launch-by-launch path, which is used
+    on the first step, off the GPU, when `cuda_graph=False`, and for a group whose tensors keep moving.
     """
 
     def __init__(
@@ -95,6 +101,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         refresh: str = "randomized",
         state_bits: int = 8,
         seed: int = 0,
+        cuda_graph: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -111,6 +118,10 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         )
         self._check_group(defaults)
         self.seed = _integer("seed", seed, 0)
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+        self.cuda_graph = cuda_graph
+        self._graphs: dict[int, GroupGraphs] = {}  # by group index
         if isinstance(params_or_model, nn.Module):
             params = _model_groups(params_or_model)
         else:
@@ -230,50 +241,63 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 seed = (self.seed * 1_000_003 + state["index"] * 10_007 + state["refreshes"] * 2 + (side == "right"))
                 projector = ops.randomized_projector(grad, rank, side, OVERSAMPLE, POWER_ITERS, seed % (2**63))
             # Kept in the gradient's dtype (bf16 for bf16 weights, as GaLore does): half the bytes of
-            # float32, and the projection GEMMs run on bf16 tensor cores.
-            state[side] = projector.to(grad.dtype)
+            # float32, and the projection GEMMs run on bf16 tensor cores. Written in place when it can be,
+            # so that a captured step graph keeps reading it.
+            projector = projector.to(grad.dtype)
+            kept = state.get(side)
+            if kept is not None and kept.shape == projector.shape and kept.dtype == projector.dtype:
+                kept.copy_(projector)
+            else:
+                state[side] = projector
         state["refreshes"] += 1
         return True
 
-    def _step_projected(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> None:
-        left, right = self._sides(group, p.shape)
+    def _advance_projected(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> bool:
+        """The host-side part of a projected step: counters and, when due, the refresh. False when the
+        matrix has no projector yet and this gradient could not give one (the step is skipped)."""
         gap = group["update_proj_gap"]
         has_projector = "left" in state or "right" in state
         if not has_projector or (state["calls"] + state["phase"]) % gap == 0 and state["calls"] > 0:
+            left, right = self._sides(group, p.shape)
             refreshed = self._refresh(p, grad, group, state, left, right)
             if not refreshed and not has_projector:
                 state["skipped"].add_(1)
                 state["calls"] += 1
-                return
+                return False
         state["calls"] += 1
+        return True
+
+    def _update_projected(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, lr) -> None:
+        """The device part of a projected step (no host synchronisation: capturable). `lr` is a float or
+        a 0-d float32 device tensor; both give the same bits."""
+        left, right = self._sides(group, p.shape)
         projected = grad
         if left:
             projected = state["left"].T @ projected
         if right:
             projected = projected @ state["right"]
-        projected = projected.to(torch.float32)
         if "exp_avg" not in state:
             self._init_moments(state, tuple(projected.shape), p.device, group["state_bits"])
-        gate = torch.isfinite(projected).all().to(torch.float32)
+        # The step size rides on the gate (0 for a skipped step), so a device lr needs no host value.
+        gate = torch.isfinite(projected).all().to(torch.float32) * lr
         direction = self._adam(state, projected, group)
-        lr = group["lr"]
         ops.project_back_update(
             p, direction, state.get("left") if left else None, state.get("right") if right else None,
-            float(lr * group["scale"]), float(lr * group["weight_decay"]), gate,
+            float(group["scale"]), float(group["weight_decay"]), gate,
         )
 
-    def _step_plain(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> None:
+    def _update_plain(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, lr) -> None:
+        """A plain AdamW step on the device (capturable), `lr` as in `_update_projected`."""
         if "exp_avg" not in state:
             self._init_moments(state, tuple(p.shape), p.device, group["state_bits"])
-        gate = torch.isfinite(grad).all().to(torch.float32)
+        gate = torch.isfinite(grad).all().to(torch.float32) * lr
         direction = self._adam(state, grad, group)
-        lr = group["lr"]
         if group["weight_decay"]:
-            p.mul_(1.0 - (lr * group["weight_decay"]) * gate.to(p.dtype))
-        p.add_(direction.to(p.dtype), alpha=-lr)
+            p.mul_((1.0 - group["weight_decay"] * gate).to(p.dtype))
+        p.sub_((direction * gate).to(p.dtype))
 
-    def step_parameter(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
-        """One optimizer step for one parameter with gradient `grad` (the per-matrix entry point)."""
+    @staticmethod
+    def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
         if grad.is_sparse:
             raise ValueError("GradNormLoRPAdamW does not support sparse gradients")
         if grad.shape != p.shape or grad.device != p.device:
@@ -281,6 +305,10 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 f"gradient of shape {tuple(grad.shape)} on {grad.device} does not match its parameter "
                 f"of shape {tuple(p.shape)} on {p.device}"
             )
+
+    def step_parameter(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        """One optimizer step for one parameter with gradient `grad` (the per-matrix entry point)."""
+        self._check_grad(p, grad)
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -291,10 +319,10 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 state["phase"] = (index * group["update_proj_gap"]) // max(count, 1)
                 state["calls"] = 0
                 state["refreshes"] = 0
-        if group["project"]:
-            self._step_projected(p, grad, group, state)
-        else:
-            self._step_plain(p, grad, group, state)
+        if not group["project"]:
+            self._update_plain(p, grad, group, state, group["lr"])
+        elif self._advance_projected(p, grad, group, state):
+            self._update_projected(p, grad, group, state, group["lr"])
 
     def _projected_index(self, p: torch.Tensor) -> tuple[int, int]:
         projected = [q for g in self.param_groups if g["project"] for q in g["params"]]
@@ -306,11 +334,57 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if self._graph_ready(index, params):
+                self._step_group_graphed(index, group, params)
+            else:
+                for p in params:
                     self.step_parameter(p, p.grad, group)
         return loss
+
+    def _graph_ready(self, index: int, params: list) -> bool:
+        """Whether this group's step can replay a graph: on the GPU, past the first step (states exist),
+        outside another capture or compilation, and not given up on."""
+        if not (self.cuda_graph and params) or (index in self._graphs and self._graphs[index].given_up):
+            return False
+        for p in params:
+            if not p.is_cuda or "exp_avg" not in self.state[p] or p.grad.is_sparse:
+                return False
+        return not (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
+
+    def _graph_key(self, group: dict, params: list) -> tuple:
+        """Everything a captured step depends on besides lr: tensor addresses and layouts, the settings."""
+        key: list = [_dispatch.current_preference(), group["project"], tuple(group["betas"]), group["eps"],
+                     group["weight_decay"], group["scale"], group["proj_type"], group["state_bits"]]
+        for p in params:
+            grad = p.grad
+            key.append((p.data_ptr(), grad.data_ptr(), grad.dtype, grad.stride()))
+            key.extend((k, t.data_ptr(), t.dtype) for k, t in self.state[p].items() if isinstance(t, torch.Tensor))
+        return tuple(key)
+
+    def _step_group_graphed(self, index: int, group: dict, params: list) -> None:
+        for p in params:
+            self._check_grad(p, p.grad)
+        if group["project"]:
+            for p in params:  # every matrix has its projector here, so none is skipped on the host
+                self._advance_projected(p, p.grad, group, self.state[p])
+            update = self._update_projected
+        else:
+            update = self._update_plain
+        graphs = self._graphs.setdefault(index, GroupGraphs())
+        try:
+            graphs.run(
+                self._graph_key(group, params),
+                lambda lr: [update(p, p.grad, group, self.state[p], lr) for p in params],
+                params[0].device,
+                group["lr"],
+            )
+        except RuntimeError as exc:  # capture is an optimisation (and runs nothing): launch one by one instead
+            logger.warning("GradNormLoRPAdamW: CUDA graph capture failed (%s); stepping without graphs", exc)
+            graphs.give_up()
+            for p in params:
+                update(p, p.grad, group, self.state[p], group["lr"])
 
     def skipped_steps(self) -> int:
         """How many parameter steps were skipped for non-finite gradients (synchronises with the GPU)."""
@@ -327,6 +401,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         projectors included, to a bf16 parameter's dtype and break bit-exact resumption)."""
         saved_groups = state_dict["param_groups"]
         super().load_state_dict(state_dict)
+        self._graphs.clear()  # the states are new tensors: graphs are captured anew on them
         ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(ids, params):

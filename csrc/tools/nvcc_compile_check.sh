@@ -30,7 +30,7 @@ flags=(-c -std=c++20 -O3 --fmad=false --expt-relaxed-constexpr -DGRADNORMLORP_WI
        -I"$include" -I"$include/torch/csrc/api/include" "${gencode[@]}")
 echo "nvcc_compile_check: $("$nvcc" --version | tail -1); architectures ${archs[*]}"
 export nvcc out
-printf '%s\n' "$root"/csrc/gradnormlorp_kernels/*.cu | xargs -P "${JOBS:-2}" -I{} bash -c \
+printf '%s\n' "$root"/csrc/gradnormlorp_kernels/cuda/*.cu | xargs -P "${JOBS:-2}" -I{} bash -c \
   'name=$(basename "$1" .cu); "$nvcc" "${@:2}" "$1" -o "$out/$name.o" 2> "$out/$name.log" \
      && echo "  compiled $name.cu" || { cat "$out/$name.log" >&2; echo "  FAILED $name.cu" >&2; exit 255; }' \
   _ {} "${flags[@]}"

@@ -162,6 +162,9 @@ def _measure(optimizer: torch.optim.Optimizer, params: list, gap: int, device: t
         optimizer.step()
 
     def fresh_gradients() -> None:
+        # Freed first, as `zero_grad()` (set_to_none) frees them before the next backward allocates them.
+        for p in params:
+            p.grad = None
         for p in params:
             p.grad = torch.randn_like(p)
 

@@ -79,6 +79,18 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate):
     if weight.stride(1) != 1:
         raise ValueError("weight must have unit stride along its rows to be updated in place")
     rows, cols = weight.shape
+    if (decay == 0.0 and weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
+            and (left is None) != (right is None) and rows and cols):
+        # One-sided: cuBLAS reads and writes the weight once (W + alpha L R, accumulated in float32) at
+        # close to the memory floor. The gated direction and the projector are rounded to the weight's
+        # dtype, as GaLore's update is; a projector already in that dtype is used as it is.
+        gated = torch.empty(direction.shape, dtype=weight.dtype, device=weight.device)
+        torch.mul(direction, gate.to(torch.float32), out=gated)
+        if left is not None:
+            weight.addmm_(left.to(weight.dtype), gated, alpha=-float(step_size))
+        else:
+            weight.addmm_(gated, right.to(weight.dtype).T, alpha=-float(step_size))
+        return row_norm(weight)
     direction = direction.to(torch.float32)
     if left is not None and right is not None:
         factor_left, factor_right = left.to(torch.float32) @ direction, right.to(torch.float32).T
@@ -91,9 +103,7 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate):
     low_rank = factor_left is not None
     rank = factor_left.shape[1] if low_rank else 0
     if low_rank and decay == 0.0 and weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
-        # cuBLAS reads and writes the weight once (W + alpha L R, accumulated in float32) at close to the
-        # memory floor; the (gated) factors are rounded to the weight's dtype, as GaLore's update is.
-        gated_right = (factor_right * gate.to(torch.float32)).to(weight.dtype)
+        gated_right = (factor_right * gate.to(torch.float32)).to(weight.dtype)  # two-sided: (P N) Q^T
         weight.addmm_(factor_left.to(weight.dtype), gated_right, alpha=-float(step_size))
         return row_norm(weight)
     norm = torch.empty(rows, dtype=torch.float32, device=weight.device)

@@ -1,8 +1,8 @@
 // CUDA row norms: one thread block per row, 16-byte loads where rows are aligned; one read of the
 // matrix. Adapter mode adds W0 A^T from cuBLAS and the rank-sized correction in ATen.
-#include "common.h"
+#include "../common.h"
 #include "cuda_utils.cuh"
-#include "kernels.h"
+#include "../kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>

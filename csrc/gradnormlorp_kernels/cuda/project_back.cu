@@ -1,10 +1,10 @@
 // CUDA project-back: the low-rank product comes from cuBLAS (one (out, in) float32 temporary), then one
 // kernel applies W <- W (1 - gate decay) - gate step_size U in place and writes the new row norms, one
 // thread block per row. The gate is read on the device, so a skipped step needs no host round trip.
-#include "common.h"
+#include "../common.h"
 #include "cuda_utils.cuh"
-#include "kernels.h"
-#include "project_back_common.h"
+#include "../kernels.h"
+#include "../project_back_common.h"
 
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>

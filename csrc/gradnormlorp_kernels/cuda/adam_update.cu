@@ -4,11 +4,11 @@
 //      block absmax, requantise by a search over the map's midpoints held in shared memory), for float32
 //      states one thread per element; with the flag set it only writes a zero direction;
 //   3. one thread advancing `step` (finite) or `skipped` (not).
-#include "adam_common.h"
-#include "adam_math.h"
-#include "common.h"
+#include "../adam_common.h"
+#include "../adam_math.h"
+#include "../common.h"
 #include "cuda_utils.cuh"
-#include "kernels.h"
+#include "../kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>

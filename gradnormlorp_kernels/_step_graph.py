@@ -1,0 +1,71 @@
+"""CUDA-graph replay of one parameter group's optimizer step.
+
+On a GPU the step of many matrices is bound by kernel launches (about a dozen per matrix, each costing
+tens of microseconds of host time), not by the GPU. The device work of a group's step (projection, Adam,
+project-back) is the same sequence of kernels every step on tensors that stay where they are, so it is
+captured once and replayed. The learning rate is a device scalar written before each replay, so a
+schedule needs no recapture. A graph is valid for one key: the addresses of every tensor it reads
+(parameters, gradients, states) and the group's other settings. A few graphs are kept per group, since
+gradients freed and allocated anew each step often alternate between a few addresses; a group whose key
+keeps changing goes back to launching kernels one by one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable
+
+import torch
+
+GRAPHS_KEPT = 4
+# Captures after which a group that reused too few of them gives up on graphs.
+CAPTURES_BEFORE_GIVING_UP = 8
+
+
+class StepGraph:
+    """`run(lr)` captured once, with `lr` a device scalar; `replay(lr)` runs it for a new lr."""
+
+    def __init__(self, run: Callable[[torch.Tensor], None], device: torch.device, pool=None) -> None:
+        self.lr = torch.zeros((), dtype=torch.float32, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            run(self.lr)
+
+    def replay(self, lr: float) -> None:
+        # Stream-ordered after the previous replay: a host-side (pinned) scalar could be overwritten
+        # before a queued replay read it.
+        self.lr.fill_(lr)
+        self.graph.replay()
+
+
+class GroupGraphs:
+    """The captured steps of one parameter group, by key; their temporaries share one memory pool (the
+    graphs run one at a time, in stream order)."""
+
+    def __init__(self) -> None:
+        self.graphs: dict[Hashable, StepGraph] = {}
+        self.pool = None
+        self.captures = 0
+        self.reuses = 0
+        self.disabled = False
+
+    @property
+    def given_up(self) -> bool:
+        return self.disabled or (self.captures >= CAPTURES_BEFORE_GIVING_UP and self.reuses < self.captures)
+
+    def give_up(self) -> None:
+        self.disabled = True
+        self.graphs.clear()
+
+    def run(self, key: Hashable, step: Callable[[torch.Tensor], None], device: torch.device, lr: float) -> None:
+        """Replay the graph for `key`, capturing it first if there is none (capture runs nothing)."""
+        graph = self.graphs.get(key)
+        if graph is None:
+            self.captures += 1
+            graph = StepGraph(step, device, self.pool)
+            self.pool = graph.graph.pool()
+            self.graphs[key] = graph
+            if len(self.graphs) > GRAPHS_KEPT:
+                self.graphs.pop(next(iter(self.graphs)))
+        else:
+            self.reuses += 1
+        graph.replay(lr)
