@@ -16,7 +16,7 @@ from .._dispatch import triton_interpreted
 from ..ops.adapter_linear import adapter_backward as adapter_backward_op, adapter_forward as adapter_forward_op
 from ..ops.full_linear import full_backward as full_backward_op, full_forward as full_forward_op
 from ..ops.projected_grad import projected_grad as projected_grad_op
-from .norm_coefficients import column_pass
+from .norm_coefficients import AdapterFactors, column_pass
 from .rounding import _round_to, bitwise_bf16
 
 
@@ -195,24 +195,23 @@ def adapter_backward(grad_out, x, out, x_A, base_weight, base_A, lora_A, lora_B,
             grad_out, x, out, x_A, base_weight, base_A, lora_A, lora_B, magnitude, norm, bias, scaling, detach_norm
         )
     g = grad_out.to(x.dtype)
-    a = lora_A.to(torch.float32)
-    b = lora_B.to(torch.float32)
-    b_gram = None if detach_norm else b @ (a @ a.T)
-    row_scale, c2, grad_magnitude, grad_B = column_pass(
-        g, out, bias, magnitude, norm, detach_norm, (x_A, base_A, b_gram if b_gram is not None else b, scaling,
-                                                     lora_B.dtype)
+    factors = AdapterFactors(
+        x_A, base_A, lora_B, None if detach_norm else matmul_f32(lora_A, lora_A.T), scaling, lora_B.dtype, x.dtype,
+        base_weight.dtype,
+    )
+    row_scale, c2, grad_magnitude = column_pass(
+        g, out, bias, magnitude, norm, detach_norm, factors, grad_magnitude_dtype=magnitude.dtype
     )
     grad_x = g @ normalized_weight(base_weight, lora_A, lora_B, row_scale, scaling, x.dtype)
-    g_B = g @ (b * row_scale[:, None]).to(x.dtype)  # gh B, (T, r)
+    g_B = g @ factors.B_scaled  # gh B, (T, r)
     first = g_B.T @ x  # (r, in)
     rank, cols = lora_A.shape
     grad_A = torch.empty(rank, cols, dtype=lora_A.dtype, device=x.device)
     if detach_norm:
         second, gram = first, first  # unused pointers
     else:
-        b_c2 = b * c2[:, None]
-        second = b_c2.T.to(base_weight.dtype) @ base_weight  # (B c2)^T W0, (r, in)
-        gram = (b_c2.T @ b).contiguous()  # (B c2)^T B, (r, r)
+        second = factors.B_c2_low.T @ base_weight  # (B c2)^T W0, (r, in)
+        gram = matmul_f32(factors.B_c2.T, lora_B)  # (B c2)^T B, (r, r)
     a_arg = lora_A if lora_A.stride(1) == 1 else lora_A.contiguous()
     if grad_A.numel():
         block_r = max(16, triton.next_power_of_2(rank))
@@ -222,7 +221,7 @@ def adapter_backward(grad_out, x, out, x_A, base_weight, base_A, lora_A, lora_B,
             float(scaling), DETACH=bool(detach_norm), BITWISE_BF16=bitwise_bf16(lora_A.dtype),
             BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=16, num_warps=warps,
         )
-    return grad_x, grad_A, grad_B, grad_magnitude.to(magnitude.dtype)
+    return grad_x, grad_A, factors.grad_B, grad_magnitude
 
 
 def full_forward(x, direction, row_scale, bias):
@@ -240,7 +239,8 @@ def full_backward(grad_out, x, out, direction, magnitude, norm, bias, detach_nor
     if x.dtype == torch.float64:
         return full_backward_op.reference(grad_out, x, out, direction, magnitude, norm, bias, detach_norm)
     g = grad_out.to(x.dtype)
-    row_scale, c2, grad_magnitude, _ = column_pass(g, out, bias, magnitude, norm, detach_norm)
+    row_scale, c2, grad_magnitude = column_pass(g, out, bias, magnitude, norm, detach_norm,
+                                                grad_magnitude_dtype=magnitude.dtype)
     grad_x = g @ normalized_weight(direction, None, None, row_scale, 0.0, x.dtype)
     product = g.T @ x
     direction = direction if direction.stride(1) == 1 else direction.contiguous()
@@ -253,7 +253,7 @@ def full_backward(grad_out, x, out, direction, magnitude, norm, bias, detach_nor
             product.stride(0), direction.stride(0), grad_direction.stride(0),
             BITWISE_BF16=bitwise_bf16(direction.dtype), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
         )
-    return grad_x, grad_direction, grad_magnitude.to(magnitude.dtype)
+    return grad_x, grad_direction, grad_magnitude
 
 
 def projected_grad(grad_out, x, direction, row_scale, c2, left, right):

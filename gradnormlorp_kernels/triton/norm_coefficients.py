@@ -60,14 +60,17 @@ def _column_partials_kernel(
 
 @triton.jit
 def _finish_coefficients_kernel(
-    partial_ptr, partial_xa_ptr, magnitude_ptr, norm_ptr, base_a_ptr, b_gram_ptr,
-    row_scale_ptr, c2_ptr, grad_magnitude_ptr, grad_b_ptr,
-    cols, rank, splits, stride_base_a, stride_b_gram, scaling,
-    DETACH: tl.constexpr, HAS_XA: tl.constexpr, BITWISE_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    partial_ptr, partial_xa_ptr, magnitude_ptr, norm_ptr, base_a_ptr, b_ptr, gram_a_ptr,
+    row_scale_ptr, c2_ptr, grad_magnitude_ptr, grad_b_ptr, b_scaled_ptr, b_c2_ptr, b_c2_low_ptr,
+    cols, rank, splits, stride_base_a, stride_b, scaling,
+    DETACH: tl.constexpr, HAS_XA: tl.constexpr, BITWISE_BF16_GRAD_M: tl.constexpr, BITWISE_BF16_GRAD_B: tl.constexpr,
+    BITWISE_BF16_B_SCALED: tl.constexpr, BITWISE_BF16_B_C2: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """c1 = M / n, dM = colsum(g (y - b)) / M, c2 = M dM / n^2 (0 detached); in adapter mode also
-    dB = s (c1 * g^T (x A^T) - c2 * (W0 A^T + s B (A A^T))), from the partials of the column pass."""
+    dB = s (c1 * g^T (x A^T) - c2 * (W0 A^T + s B (A A^T))), from the partials of the column pass, and the
+    backward's small factors B c1 (in x's dtype), B c2 (float32 and in W0's dtype), so that they cost no
+    launches of their own."""
     col = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = col < cols
     r = tl.arange(0, BLOCK_R)
@@ -89,21 +92,47 @@ def _finish_coefficients_kernel(
         c2 = m * grad_magnitude / (n * n)
     tl.store(row_scale_ptr + col, row_scale, mask=col_mask)
     tl.store(c2_ptr + col, c2, mask=col_mask)
-    tl.store(grad_magnitude_ptr + col, grad_magnitude, mask=col_mask)
+    tl.store(grad_magnitude_ptr + col,
+             _round_to(grad_magnitude, grad_magnitude_ptr.dtype.element_ty, BITWISE_BF16_GRAD_M), mask=col_mask)
     if HAS_XA:
+        b = tl.load(b_ptr + col[:, None] * stride_b + r[None, :], mask=xa_mask, other=0.0).to(tl.float32)
+        b_scaled = _round_to(b * row_scale[:, None], b_scaled_ptr.dtype.element_ty, BITWISE_BF16_B_SCALED)
+        tl.store(b_scaled_ptr + col[:, None] * rank + r[None, :], b_scaled, mask=xa_mask)
         grad_b = g_xa * row_scale[:, None]
         if not DETACH:
+            r_inner = tl.arange(0, BLOCK_R)
+            gram_a = tl.load(gram_a_ptr + r_inner[:, None] * rank + r[None, :],
+                             mask=(r_inner < rank)[:, None] & (r < rank)[None, :], other=0.0)
+            b_gram = tl.dot(b, gram_a, input_precision="ieee")  # B (A A^T), float32 products
             base_a = tl.load(base_a_ptr + col[:, None] * stride_base_a + r[None, :], mask=xa_mask, other=0.0)
-            b_gram = tl.load(b_gram_ptr + col[:, None] * stride_b_gram + r[None, :], mask=xa_mask, other=0.0)
-            grad_b = grad_b - c2[:, None] * (base_a.to(tl.float32) + scaling * b_gram.to(tl.float32))
-        grad_b = _round_to(scaling * grad_b, grad_b_ptr.dtype.element_ty, BITWISE_BF16)
+            grad_b = grad_b - c2[:, None] * (base_a.to(tl.float32) + scaling * b_gram)
+            b_c2 = b * c2[:, None]
+            tl.store(b_c2_ptr + col[:, None] * rank + r[None, :], b_c2, mask=xa_mask)
+            tl.store(b_c2_low_ptr + col[:, None] * rank + r[None, :],
+                     _round_to(b_c2, b_c2_low_ptr.dtype.element_ty, BITWISE_BF16_B_C2), mask=xa_mask)
+        grad_b = _round_to(scaling * grad_b, grad_b_ptr.dtype.element_ty, BITWISE_BF16_GRAD_B)
         tl.store(grad_b_ptr + col[:, None] * rank + r[None, :], grad_b, mask=xa_mask)
 
 
-def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None):
-    """`(c1, c2, dM, dB)` from one read of `grad_out` and `out`; c1, c2, dM in float32. `lora`, in adapter
-    mode, is `(x_A, W0 A^T, B (A A^T), s, dtype of dB)`; without it dB is None. Inputs must not be
-    float64 (the callers route that to the reference)."""
+class AdapterFactors:
+    """What the column pass needs and gives in adapter mode. In: x A^T (T, r), W0 A^T (out, r), B (out, r),
+    A A^T (r, r) float32 (None when detached), s, and the dtypes of dB, of B c1 (x's) and of the low-precision B c2 (W0's).
+    Out (after `column_pass`): dB, B c1, and unless detached B c2 in float32 and in W0's dtype."""
+
+    def __init__(self, x_A, base_A, lora_B, gram_A, scaling, grad_dtype, x_dtype, base_dtype):
+        self.x_A = x_A if x_A.stride(1) == 1 else x_A.contiguous()
+        self.base_A = base_A if base_A.stride(1) == 1 else base_A.contiguous()
+        self.lora_B = lora_B if lora_B.stride(1) == 1 else lora_B.contiguous()
+        self.gram_A = self.lora_B if gram_A is None else gram_A.contiguous()  # unread when detached
+        self.scaling = float(scaling)
+        self.dtypes = (grad_dtype, x_dtype, base_dtype)
+        self.grad_B = self.B_scaled = self.B_c2 = self.B_c2_low = None
+
+
+def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None, grad_magnitude_dtype=torch.float32):
+    """`(c1, c2, dM)` from one read of `grad_out` and `out`; c1, c2 in float32, dM in `grad_magnitude_dtype`.
+    `lora` (an `AdapterFactors`), in adapter mode, receives dB and the backward's small factors. Inputs must
+    not be float64 (the callers route that to the reference)."""
     rows, cols = grad_out.shape
     device = grad_out.device
     magnitude, norm = magnitude.contiguous(), norm.contiguous()
@@ -113,18 +142,19 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None):
     has_xa = lora is not None
     row_scale = torch.empty(cols, dtype=torch.float32, device=device)
     c2 = torch.empty_like(row_scale)
-    grad_magnitude = torch.empty_like(row_scale)
+    grad_magnitude = torch.empty(cols, dtype=grad_magnitude_dtype, device=device)
     if has_xa:
-        x_A, base_A, b_gram, scaling, grad_dtype = lora
-        x_A = x_A if x_A.stride(1) == 1 else x_A.contiguous()
-        base_A = base_A if base_A.stride(1) == 1 else base_A.contiguous()
-        b_gram = b_gram if b_gram.stride(1) == 1 else b_gram.contiguous()
-        rank = x_A.shape[1]
-        grad_B = torch.empty(cols, rank, dtype=grad_dtype, device=device)
+        rank = lora.x_A.shape[1]
+        grad_dtype, x_dtype, base_dtype = lora.dtypes
+        lora.grad_B = torch.empty(cols, rank, dtype=grad_dtype, device=device)
+        lora.B_scaled = torch.empty(cols, rank, dtype=x_dtype, device=device)
+        if not detach_norm:
+            lora.B_c2 = torch.empty(cols, rank, dtype=torch.float32, device=device)
+            lora.B_c2_low = torch.empty(cols, rank, dtype=base_dtype, device=device)
     else:
-        rank, scaling, grad_dtype, grad_B = 0, 0.0, torch.float32, None
+        rank, grad_dtype, x_dtype, base_dtype = 0, torch.float32, torch.float32, torch.float32
     if cols == 0:
-        return row_scale, c2, grad_magnitude, grad_B
+        return row_scale, c2, grad_magnitude
     block_r = max(16, triton.next_power_of_2(rank))
     # Tiles whose (block_n, r) accumulator fits in registers without spilling (sm_90 resource report).
     block_n = 128 if not has_xa else (64 if block_r <= 32 else 32)
@@ -134,10 +164,8 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None):
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_t) * block_t
     splits = max(1, triton.cdiv(rows, rows_per_split))
     partial = torch.empty(splits, cols, dtype=torch.float32, device=device)
-    if has_xa:
-        partial_xa = torch.empty(splits, cols, rank, dtype=torch.float32, device=device)
-    else:
-        x_A = base_A = b_gram = partial_xa = partial  # unused pointers
+    x_A = lora.x_A if has_xa else partial  # unused pointers without adapter factors
+    partial_xa = torch.empty(splits, cols, rank, dtype=torch.float32, device=device) if has_xa else partial
     native = (has_xa and grad_out.dtype == x_A.dtype and grad_out.dtype in (torch.bfloat16, torch.float16)
               and not triton_interpreted())
     _column_partials_kernel[(col_blocks, splits)](
@@ -147,19 +175,24 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None):
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
     )
     finish_block = 64 if block_r <= 32 else 16
+    unused = partial
     _finish_coefficients_kernel[(triton.cdiv(cols, finish_block),)](
-        partial, partial_xa, magnitude, norm, base_A, b_gram, row_scale, c2, grad_magnitude,
-        grad_B if has_xa else partial, cols, rank, splits,
-        base_A.stride(0) if has_xa else 0, b_gram.stride(0) if has_xa else 0, float(scaling),
-        DETACH=bool(detach_norm), HAS_XA=has_xa, BITWISE_BF16=bitwise_bf16(grad_dtype),
-        BLOCK_N=finish_block, BLOCK_R=block_r, num_warps=4,
+        partial, partial_xa, magnitude, norm,
+        lora.base_A if has_xa else unused, lora.lora_B if has_xa else unused, lora.gram_A if has_xa else unused,
+        row_scale, c2, grad_magnitude, lora.grad_B if has_xa else unused, lora.B_scaled if has_xa else unused,
+        lora.B_c2 if has_xa and lora.B_c2 is not None else unused,
+        lora.B_c2_low if has_xa and lora.B_c2_low is not None else unused,
+        cols, rank, splits, lora.base_A.stride(0) if has_xa else 0, lora.lora_B.stride(0) if has_xa else 0,
+        lora.scaling if has_xa else 0.0,
+        DETACH=bool(detach_norm), HAS_XA=has_xa, BITWISE_BF16_GRAD_M=bitwise_bf16(grad_magnitude_dtype),
+        BITWISE_BF16_GRAD_B=bitwise_bf16(grad_dtype), BITWISE_BF16_B_SCALED=bitwise_bf16(x_dtype),
+        BITWISE_BF16_B_C2=bitwise_bf16(base_dtype), BLOCK_N=finish_block, BLOCK_R=block_r, num_warps=4,
     )
-    return row_scale, c2, grad_magnitude, grad_B
+    return row_scale, c2, grad_magnitude
 
 
 def norm_coefficients(grad_out, out, bias, magnitude, norm, detach_norm):
     """Same contract as the reference op; float64 takes the reference path."""
     if torch.float64 in (grad_out.dtype, out.dtype, magnitude.dtype, norm.dtype):
         return norm_coefficients_op.reference(grad_out, out, bias, magnitude, norm, detach_norm)
-    row_scale, c2, grad_magnitude, _ = column_pass(grad_out, out, bias, magnitude, norm, detach_norm)
-    return row_scale, c2, grad_magnitude
+    return column_pass(grad_out, out, bias, magnitude, norm, detach_norm)
