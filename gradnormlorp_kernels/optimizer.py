@@ -278,8 +278,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             projected = projected @ state["right"]
         if "exp_avg" not in state:
             self._init_moments(state, tuple(projected.shape), p.device, group["state_bits"])
-        # The step size rides on the gate (0 for a skipped step), so a device lr needs no host value.
-        gate = torch.isfinite(projected).all().to(torch.float32) * lr
+        gate = self._gate(projected, group, lr)
         direction = self._adam(state, projected, group)
         ops.project_back_update(
             p, direction, state.get("left") if left else None, state.get("right") if right else None,
@@ -290,11 +289,21 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         """A plain AdamW step on the device (capturable), `lr` as in `_update_projected`."""
         if "exp_avg" not in state:
             self._init_moments(state, tuple(p.shape), p.device, group["state_bits"])
-        gate = torch.isfinite(grad).all().to(torch.float32) * lr
+        gate = self._gate(grad, group, lr)
         direction = self._adam(state, grad, group)
         if group["weight_decay"]:
             p.mul_((1.0 - group["weight_decay"] * gate).to(p.dtype))
         p.sub_((direction * gate).to(p.dtype))
+
+    @staticmethod
+    def _gate(grad: torch.Tensor, group: dict, lr) -> torch.Tensor:
+        """The step size as a 0-d float32 device tensor, 0 on a skipped step where that matters: a skipped
+        step's Adam direction is zero (adam_update's contract), so only weight decay needs the finiteness."""
+        if group["weight_decay"]:
+            return torch.isfinite(grad).all().to(torch.float32) * lr
+        if isinstance(lr, torch.Tensor):
+            return lr
+        return torch.full((), lr, dtype=torch.float32, device=grad.device)
 
     @staticmethod
     def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
