@@ -4,6 +4,7 @@ The op tests parametrise over every backend that implements an op and can run on
 (`backend_params`), so a kernel registered by any backend is checked by the same tests as the reference.
 """
 
+import contextlib
 import os
 import zlib
 
@@ -69,6 +70,21 @@ def run_op(entry, backend: str, *args):
         chosen, _ = _dispatch.select(entry.op_name, device_type)
         assert chosen == backend, f"{entry.op_name}: asked for {backend}, dispatch chose {chosen}"
         return entry(*args)
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """Inside the block torch.empty returns NaN (floats) or 0xA5 (integers) everywhere, so an output element
+    that a kernel leaves unwritten shows."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else 0xA5)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "empty", poisoned)
+        yield
 
 
 def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICE, backend_params, interpreted, run_op
+from conftest import DEVICE, backend_params, backends_for, interpreted, poisoned_empty, run_op
 
 from gradnormlorp_kernels import ops
 
@@ -131,3 +131,144 @@ def test_dynamic_maps_are_bitsandbytes():
         assert bool((ours[1:] >= ours[:-1]).all())
         assert ours.max().item() == 1.0 and bool((ours == 0).any())
     assert ops.dynamic_map(False).min().item() == 0.0
+
+
+# Exactness of the Triton kernels' nearest-code search: it must return torch.bucketize(scaled, midpoints)
+# for every float, ties included, and every element of every block must be written.
+TRITON = "triton" in backends_for("quantize_blockwise")
+needs_triton = pytest.mark.skipif(not TRITON, reason="the Triton backend does not load here")
+if TRITON:
+    import triton
+    import triton.language as tl
+
+    from gradnormlorp_kernels.triton import quant8 as triton_quant8
+
+    @triton.jit
+    def _nearest_code_probe_kernel(
+        x_ptr, out_ptr, table_ptr, midpoints_ptr, numel, base, half, CANDIDATES: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        code = triton_quant8._nearest_code(x, table_ptr, midpoints_ptr, base, half, CANDIDATES)
+        tl.store(out_ptr + offsets, code, mask=mask)
+
+
+def custom_maps():
+    """Maps other than bitsandbytes': linear signed and unsigned, and sorted random with repeated entries."""
+    repeated = torch.cat([torch.zeros(6), torch.full((4,), 0.25), torch.rand(244) * 2 - 1, torch.tensor([-1.0, 1.0])])
+    return {
+        "linear": torch.linspace(-1, 1, 256),
+        "linear-unsigned": torch.linspace(0, 1, 256),
+        "repeated": torch.sort(repeated).values,
+    }
+
+
+def map_by_name(name):
+    if name in ("signed", "unsigned"):
+        return ops.dynamic_map(name == "signed", DEVICE)
+    return custom_maps()[name].to(DEVICE)
+
+
+def reference_midpoints(code):
+    return (code[1:] + code[:-1]) * 0.5
+
+
+def not_nan(x):
+    return x[~torch.isnan(x)]
+
+
+def search_probes(code):
+    """Every midpoint and its float neighbours, both ends of every bucket of 2^16 float32 bit patterns (the
+    search's buckets are unions of these), specials, and random values and bit patterns."""
+    midpoints = reference_midpoints(code).to(torch.float32)
+    inf = torch.full_like(midpoints, float("inf"))
+    prefixes = torch.arange(0, 0x7F81, dtype=torch.int64) << 16
+    ends = torch.cat([prefixes, prefixes | 0xFFFF]).clamp(max=0x7F800000).to(torch.int32).view(torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    specials = torch.tensor([0.0, 1.0, float("inf"), 2.0**-149, 2.0**-140, tiny, tiny * (1 - 2.0**-23), 1 - 2.0**-24,
+                             1 + 2.0**-23, 0.5, 3.0e38])
+    random = torch.randn(20000) * torch.pow(10.0, torch.empty(20000).uniform_(-44, 2))
+    bits = torch.randint(-(2**31), 2**31 - 1, (20000,), dtype=torch.int32).view(torch.float32)
+    values = torch.cat([
+        midpoints, torch.nextafter(midpoints, inf), torch.nextafter(midpoints, -inf), code.to(torch.float32),
+        ends.to(code.device), specials.to(code.device), random.to(code.device), not_nan(bits).to(code.device),
+    ])
+    return torch.cat([values, -values])
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["signed", "unsigned", "linear", "linear-unsigned", "repeated"])
+def test_nearest_code_is_bucketize(name):
+    code = map_by_name(name)
+    search = triton_quant8.code_search(code)
+    if name in ("signed", "unsigned"):
+        assert search.candidates == 1, "bitsandbytes' maps should need one comparison per value"
+    x = search_probes(code)
+    out = torch.full(x.shape, -1, dtype=torch.int32, device=DEVICE)
+    block = 8192
+    _nearest_code_probe_kernel[(triton.cdiv(x.numel(), block),)](
+        x, out, search.table, search.midpoints, x.numel(), search.base, search.half,
+        CANDIDATES=search.candidates, BLOCK=block,
+    )
+    expected = torch.bucketize(x, reference_midpoints(code))
+    wrong = out.long() != expected
+    assert not bool(wrong.any()), f"{int(wrong.sum())} wrong, e.g. x={x[wrong][:4].tolist()}"
+
+
+def probe_blocks(numel, code):
+    """Random values of very different scales per block; every other block instead holds the map's midpoints
+    (and their neighbours, zeros, tiny values) under an absmax of exactly 1, so they are the scaled values."""
+    midpoints = reference_midpoints(code).to(torch.float32)
+    inf = torch.full_like(midpoints, float("inf"))
+    tiny = torch.tensor([0.0, -0.0, 2.0**-149, -(2.0**-149), 1e-30, -1e-30, -1.0], device=code.device)
+    on_map = torch.cat([midpoints, torch.nextafter(midpoints, inf), torch.nextafter(midpoints, -inf), tiny])
+    x = torch.randn(numel, device=code.device)
+    blocks = -(-numel // BLOCK)
+    x *= torch.pow(10.0, torch.empty(blocks, device=code.device).uniform_(-30, 3)).repeat_interleave(BLOCK)[:numel]
+    for b, start in enumerate(range(0, numel, 2 * BLOCK)):
+        chunk = on_map.roll(-b * (BLOCK - 1))[: BLOCK - 1]
+        block = torch.cat([torch.ones(1, device=code.device), chunk])[: min(BLOCK, numel - start)]
+        x[start : start + block.numel()] = block
+    return x
+
+
+# Tails: one element, fewer blocks than a program takes, a partial last block, several programs.
+EXACT_SIZES = [1, 255, 257, 2047, 2049, 4097, 4 * 2048 + 300]
+
+
+@needs_triton
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("numel", EXACT_SIZES)
+def test_triton_quantize_is_bit_exact(numel, signed):
+    code = ops.dynamic_map(signed, DEVICE)
+    x = probe_blocks(numel, code)
+    with poisoned_empty():
+        codes, absmax = run_op(ops.quantize_blockwise, "triton", x, code)
+    expected_codes, expected_absmax = ops.quantize_blockwise.reference(x, code)
+    assert torch.equal(absmax, expected_absmax)
+    wrong = codes != expected_codes
+    assert not bool(wrong.any()), f"{int(wrong.sum())} codes differ from the reference"
+
+
+@needs_triton
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("numel", EXACT_SIZES)
+def test_triton_dequantize_is_bit_exact(numel, signed):
+    code = ops.dynamic_map(signed, DEVICE)
+    codes = torch.randint(0, 256, (numel,), dtype=torch.uint8, device=DEVICE)
+    absmax = torch.rand(-(-numel // BLOCK), device=DEVICE) * 10
+    with poisoned_empty():
+        values = run_op(ops.dequantize_blockwise, "triton", codes, absmax, code)
+    assert torch.equal(values, ops.dequantize_blockwise.reference(codes, absmax, code))
+
+
+@needs_triton
+def test_triton_search_follows_an_in_place_map_change():
+    code = ops.dynamic_map(True).clone().to(DEVICE)
+    x = probe_blocks(3 * BLOCK, code)
+    run_op(ops.quantize_blockwise, "triton", x, code)
+    code.mul_(0.5)  # still sorted; the cached search table must be rebuilt
+    codes, absmax = run_op(ops.quantize_blockwise, "triton", x, code)
+    expected_codes, expected_absmax = ops.quantize_blockwise.reference(x, code)
+    assert torch.equal(codes, expected_codes) and torch.equal(absmax, expected_absmax)

@@ -10,10 +10,13 @@ import triton.language as tl
 
 from ..ops.adam_update import adam_update as adam_update_op
 from ..ops.quant8 import BLOCK_SIZE, num_blocks
-from .quant8 import _quantize_block, code_midpoints
+from .quant8 import CodeSearch, _quantize_block, code_search
 
-# float32 states: elements per program of the update kernel, and of the finiteness check.
-_PLAIN_BLOCK = 1024
+# Rows of BLOCK_SIZE elements per program of the update kernel and its warps: 8-bit states (one row per
+# quantisation block: 16 values a thread, the absmax of a row reduced inside a warp), float32 states;
+# elements per program of the finiteness check.
+_QUANTIZED_BLOCKS, _QUANTIZED_WARPS = 8, 4
+_PLAIN_BLOCKS, _PLAIN_WARPS = 4, 4
 _CHECK_BLOCK = 4096
 
 
@@ -36,23 +39,27 @@ def _finite_check_kernel(grad_ptr, numel, flags_ptr, step_ptr, skipped_ptr, BLOC
 
 @triton.jit
 def _adam_update_kernel(
-    grad_ptr, m_ptr, v_ptr, absmax_m_ptr, absmax_v_ptr, code_m_ptr, code_v_ptr, midpoints_m_ptr, midpoints_v_ptr,
-    direction_ptr, flags_ptr, power1_ptr, power2_ptr, numel,
-    beta1_weight, beta2, beta2_complement, eps,
-    LERP_FROM_END: tl.constexpr, QUANTIZED: tl.constexpr, BLOCK: tl.constexpr,
+    grad_ptr, m_ptr, v_ptr, absmax_m_ptr, absmax_v_ptr, code_m_ptr, code_v_ptr, table_m_ptr, table_v_ptr,
+    midpoints_m_ptr, midpoints_v_ptr, direction_ptr, flags_ptr, power1_ptr, power2_ptr, numel,
+    beta1_weight, beta2, beta2_complement, eps, base_m, half_m, base_v, half_v,
+    LERP_FROM_END: tl.constexpr, QUANTIZED: tl.constexpr, CANDIDATES_M: tl.constexpr, CANDIDATES_V: tl.constexpr,
+    BLOCKS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    offsets = block * BLOCK + tl.arange(0, BLOCK)
+    """A [BLOCKS, BLOCK] tile per program; with 8-bit states each row is one quantisation block."""
+    blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    offsets = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     mask = offsets < numel
-    # A block-shaped flag: the interpreter cannot broadcast a scalar mask.
-    finite = (tl.zeros([BLOCK], dtype=tl.int32) + tl.load(flags_ptr)) == 0
+    # Tile-shaped flags: the interpreter cannot broadcast a scalar mask.
+    flag = tl.load(flags_ptr)
+    finite = (tl.zeros([BLOCKS, BLOCK], dtype=tl.int32) + flag) == 0
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     g = tl.where(finite, g, 0.0)
     if QUANTIZED:
+        block_mask = blocks * BLOCK < numel
         m_codes = tl.load(m_ptr + offsets, mask=mask, other=0).to(tl.int32)
         v_codes = tl.load(v_ptr + offsets, mask=mask, other=0).to(tl.int32)
-        m = tl.load(code_m_ptr + m_codes) * tl.load(absmax_m_ptr + block)
-        v = tl.load(code_v_ptr + v_codes) * tl.load(absmax_v_ptr + block)
+        m = tl.load(code_m_ptr + m_codes) * tl.load(absmax_m_ptr + blocks, mask=block_mask, other=0.0)[:, None]
+        v = tl.load(code_v_ptr + v_codes) * tl.load(absmax_v_ptr + blocks, mask=block_mask, other=0.0)[:, None]
     else:
         m = tl.load(m_ptr + offsets, mask=mask, other=0.0)
         v = tl.load(v_ptr + offsets, mask=mask, other=0.0)
@@ -70,13 +77,15 @@ def _adam_update_kernel(
     tl.store(direction_ptr + offsets, tl.where(finite, direction, 0.0), mask=mask)
     write = mask & finite
     if QUANTIZED:
-        m_codes_new, m_absmax = _quantize_block(m_new, mask, midpoints_m_ptr)
-        v_codes_new, v_absmax = _quantize_block(v_new, mask, midpoints_v_ptr)
+        m_codes_new, m_absmax = _quantize_block(m_new, mask, table_m_ptr, midpoints_m_ptr, base_m, half_m,
+                                                CANDIDATES_M)
+        v_codes_new, v_absmax = _quantize_block(v_new, mask, table_v_ptr, midpoints_v_ptr, base_v, half_v,
+                                                CANDIDATES_V)
         tl.store(m_ptr + offsets, m_codes_new.to(tl.uint8), mask=write)
         tl.store(v_ptr + offsets, v_codes_new.to(tl.uint8), mask=write)
-        block_finite = tl.load(flags_ptr) == 0
-        tl.store(absmax_m_ptr + block, tl.where(block_finite, m_absmax, tl.load(absmax_m_ptr + block)))
-        tl.store(absmax_v_ptr + block, tl.where(block_finite, v_absmax, tl.load(absmax_v_ptr + block)))
+        block_write = block_mask & ((tl.zeros([BLOCKS], dtype=tl.int32) + flag) == 0)
+        tl.store(absmax_m_ptr + blocks, m_absmax, mask=block_write)
+        tl.store(absmax_v_ptr + blocks, v_absmax, mask=block_write)
     else:
         tl.store(m_ptr + offsets, m_new, mask=write)
         tl.store(v_ptr + offsets, v_new, mask=write)
@@ -104,25 +113,27 @@ def adam_update(grad, exp_avg, exp_avg_sq, absmax_avg, absmax_avg_sq, code_signe
         return direction
     quantized = absmax_avg is not None
     if quantized:
-        midpoints_m, midpoints_v = code_midpoints(code_signed), code_midpoints(code_unsigned)
+        search_m, search_v = code_search(code_signed), code_search(code_unsigned)
         code_m = code_signed.to(torch.float32).contiguous()
         code_v = code_unsigned.to(torch.float32).contiguous()
         absmax_m, absmax_v = absmax_avg, absmax_avg_sq
-        block, grid = BLOCK_SIZE, num_blocks(numel)
+        blocks, warps = _QUANTIZED_BLOCKS, _QUANTIZED_WARPS
     else:
-        # Unused pointers in the float32 variant: any tensor on the device will do.
-        code_m = code_v = midpoints_m = midpoints_v = absmax_m = absmax_v = flags
-        block, grid = _PLAIN_BLOCK, triton.cdiv(numel, _PLAIN_BLOCK)
+        # Unused pointers and search in the float32 variant: any tensor on the device will do.
+        code_m = code_v = absmax_m = absmax_v = flags
+        search_m = search_v = CodeSearch(flags, flags, 0, 1, 0)
+        blocks, warps = _PLAIN_BLOCKS, _PLAIN_WARPS
     # beta ** step exactly as the reference's powf (1 - beta2 ** step cancels, so an approximate power
     # would show), on the device from the step that the check kernel advanced: no host sync.
     power1 = torch.pow(beta1, step)
     power2 = torch.pow(beta2, step)
     weight = 1.0 - beta1
-    _adam_update_kernel[(grid,)](
-        flat_grad, exp_avg, exp_avg_sq, absmax_m, absmax_v, code_m, code_v, midpoints_m, midpoints_v,
-        direction, flags, power1, power2, numel,
-        weight, beta2, 1.0 - beta2, eps,
-        LERP_FROM_END=abs(weight) >= 0.5, QUANTIZED=quantized, BLOCK=block, num_warps=2 if quantized else 4,
+    _adam_update_kernel[(triton.cdiv(num_blocks(numel), blocks),)](
+        flat_grad, exp_avg, exp_avg_sq, absmax_m, absmax_v, code_m, code_v, search_m.table, search_v.table,
+        search_m.midpoints, search_v.midpoints, direction, flags, power1, power2, numel,
+        weight, beta2, 1.0 - beta2, eps, search_m.base, search_m.half, search_v.base, search_v.half,
+        LERP_FROM_END=abs(weight) >= 0.5, QUANTIZED=quantized, CANDIDATES_M=search_m.candidates,
+        CANDIDATES_V=search_v.candidates, BLOCKS=blocks, BLOCK=BLOCK_SIZE, num_warps=warps,
         enable_fp_fusion=False,  # torch rounds each product and sum of the update separately
     )
     return direction
