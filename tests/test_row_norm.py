@@ -9,6 +9,7 @@ from conftest import (
     assert_matches_reference,
     assert_within_baseline,
     backend_params,
+    backends_for,
     dense_adapter_weight,
     other_backend_params,
     run_op,
@@ -100,7 +101,9 @@ def test_adapter_row_norm_cancelling_row(backend):
 @pytest.mark.parametrize("backend", backend_params("adapter_row_norm"))
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize(
-    "out,inp,r", [(129, 257, 8), (33, 129, 3), pytest.param(4096, 4096, 16, marks=pytest.mark.gpu)]
+    "out,inp,r",
+    [(129, 257, 8), (33, 129, 3)]
+    + [pytest.param(*s, marks=pytest.mark.gpu) for s in [(4096, 4096, 16), (1037, 2113, 48), (4096, 4096, 128)]],
 )
 def test_adapter_row_norm_low_precision(backend, dtype, out, inp, r):
     base, lora_A, lora_B, scaling = adapter_inputs(out, inp, r, dtype)
@@ -126,3 +129,64 @@ def test_row_norm_matches_reference(backend, dtype):
 def test_adapter_row_norm_matches_reference(backend, dtype):
     args = adapter_inputs(65, 131, 5, dtype)
     assert_matches_reference(ops.adapter_row_norm, backend, list(args), rtol=1e-5)
+
+
+# Every tile that autotune may pick on a GPU, forced one at a time (the interpreter runs them on a CPU), on
+# shapes with a partial last row block and column tile, strided views as inputs, and outputs written into
+# NaN-poisoned buffers whose guard rows after the end must stay untouched.
+TRITON = "triton" in backends_for("adapter_row_norm")
+if TRITON:
+    from gradnormlorp_kernels.triton import row_norm as triton_row_norm
+
+
+def triton_configs(pick):
+    """`pytest.param`s of the configs `pick(module)` takes from the Triton module (a skip where it cannot load)."""
+    if not TRITON:
+        return [pytest.param(None, id="none", marks=pytest.mark.skip(reason="the Triton backend does not load here"))]
+    configs = pick(triton_row_norm)
+    return [pytest.param(c, id="-".join(f"{k}{v}" for k, v in c.kwargs.items()) + f"-w{c.num_warps}") for c in configs]
+
+
+def poisoned(rows, *shape, guard=5):
+    """(buffer, its first `rows` rows): the view is the output, the guard rows after it must stay NaN."""
+    buffer = torch.full((rows + guard, *shape), float("nan"), device=DEVICE)
+    return buffer, buffer[:rows]
+
+
+def strided(rows, cols, dtype, scale=1.0):
+    """A (rows, cols) view of a wider matrix: unit column stride, row stride cols + 3."""
+    return (torch.randn(rows, cols + 3, device=DEVICE) * scale).to(dtype)[:, :cols]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("config", triton_configs(lambda m: m.ROW_NORM_CONFIGS + [m._ROW_NORM_INTERPRETED]))
+def test_triton_row_norm_every_config(config, dtype):
+    rows, cols = 2 * config.kwargs["BLOCK_M"] + 3, 2 * config.kwargs["BLOCK_N"] + 5
+    weight = strided(rows, cols, dtype)
+    buffer, norm = poisoned(rows)
+    triton_row_norm._row_norm_into(norm, weight, config)
+    assert bool(buffer[rows:].isnan().all()), "written past the last row"
+    truth = torch.linalg.vector_norm(weight.to(torch.float64), dim=1)
+    assert_close_scaled(norm / truth, torch.ones_like(truth), 1e-5, "n")
+
+
+@pytest.mark.parametrize("r", [1, 48])
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "bf16", "bf16-W0-fp32-AB"])
+@pytest.mark.parametrize(
+    "config", triton_configs(lambda m: m.ADAPTER_CONFIGS + m.ADAPTER_FP32_CONFIGS + [m._ADAPTER_INTERPRETED])
+)
+def test_triton_adapter_row_norm_every_config(config, dtypes, r):
+    out, inp = 2 * config.kwargs["BLOCK_M"] + 3, 2 * config.kwargs["BLOCK_K"] + 5
+    base = strided(out, inp, dtypes[0])
+    lora_A = strided(r, inp, dtypes[1], inp**-0.5)
+    lora_B = strided(out, r, dtypes[1])
+    scaling = float(torch.empty(()).uniform_(0.5, 2.0))
+    norm_buffer, norm = poisoned(out)
+    base_A_buffer, base_A = poisoned(out, r)
+    triton_row_norm._adapter_row_norm_into(norm, base_A, base, lora_A, lora_B, scaling, config)
+    assert bool(norm_buffer[out:].isnan().all()) and bool(base_A_buffer[out:].isnan().all()), "written past the end"
+    b64, a64, bb64 = upcast(base, lora_A, lora_B)
+    _, truth = dense_adapter_weight(b64, a64, bb64, torch.ones(out, dtype=torch.float64, device=DEVICE), scaling)
+    assert_close_scaled(norm / truth, torch.ones_like(truth), 1e-5, "n")
+    assert_close_scaled(base_A, b64 @ a64.T, 1e-5, "W0 A^T")

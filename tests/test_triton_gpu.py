@@ -58,12 +58,7 @@ def _compile_cases():
     lora = {"w_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16"}
     grads = {"g_ptr": "*bf16", "y_ptr": "*bf16", "bias_ptr": "*bf16", "xa_ptr": "*bf16"}
     back = {"LOW_RANK": True, "BITWISE_BF16": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32}
-    return [
-        ("row_norm", row_norm._row_norm_kernel, bf16_w, {"BLOCK_M": 4, "BLOCK_N": 1024}, 4, {}),
-        ("adapter_row_norm-r16", row_norm._adapter_row_norm_kernel, lora,
-         {"NATIVE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_R": 16}, 4, {}),
-        ("adapter_row_norm-r128", row_norm._adapter_row_norm_kernel, lora,
-         {"NATIVE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 128}, 8, {}),
+    return _row_norm_compile_cases(row_norm, bf16_w, lora) + [
         ("column_partials-r16", norm_coefficients._column_partials_kernel, grads,
          {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_R": 16}, 4, {}),
         ("column_partials-r128", norm_coefficients._column_partials_kernel, grads,
@@ -87,18 +82,12 @@ def _compile_cases():
         ("matmul_f32", linear._matmul_f32_kernel, {"a_ptr": "*bf16"},
          {"NATIVE_DOT": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, {}),
         ("finite_check", adam_update._finite_check_kernel, {}, {"BLOCK": 4096}, 8, {}),
-        ("adam_update-8bit", adam_update._adam_update_kernel,
-         {"m_ptr": "*u8", "v_ptr": "*u8", "table_m_ptr": "*u8", "table_v_ptr": "*u8", "flags_ptr": "*i32"},
-         {"LERP_FROM_END": False, "QUANTIZED": True, "CANDIDATES_M": 1, "CANDIDATES_V": 1,
-          "BLOCKS": adam_update._QUANTIZED_BLOCKS, "BLOCK": 256}, adam_update._QUANTIZED_WARPS,
-         {"enable_fp_fusion": False}),
+        ("adam_update-8bit", adam_update._adam_update_kernel, {"m_ptr": "*u8", "v_ptr": "*u8", "flags_ptr": "*i32"},
+         {"LERP_FROM_END": False, "QUANTIZED": True, "BLOCK": 256}, 2, {"enable_fp_fusion": False}),
         ("adam_update-fp32", adam_update._adam_update_kernel, {"flags_ptr": "*i32"},
-         {"LERP_FROM_END": False, "QUANTIZED": False, "CANDIDATES_M": 0, "CANDIDATES_V": 0,
-          "BLOCKS": adam_update._PLAIN_BLOCKS, "BLOCK": 256}, adam_update._PLAIN_WARPS, {"enable_fp_fusion": False}),
-        ("quantize", quant8._quantize_blockwise_kernel, {"codes_ptr": "*u8", "table_ptr": "*u8"},
-         {"CANDIDATES": 1, "BLOCKS": quant8._BLOCKS_PER_PROGRAM, "BLOCK": 256}, quant8._NUM_WARPS, {}),
-        ("dequantize", quant8._dequantize_blockwise_kernel, {"codes_ptr": "*u8"},
-         {"BLOCKS": quant8._BLOCKS_PER_PROGRAM, "BLOCK": 256}, quant8._NUM_WARPS, {}),
+         {"LERP_FROM_END": False, "QUANTIZED": False, "BLOCK": 1024}, 4, {"enable_fp_fusion": False}),
+        ("quantize", quant8._quantize_blockwise_kernel, {"codes_ptr": "*u8"}, {"BLOCK": 256}, 2, {}),
+        ("dequantize", quant8._dequantize_blockwise_kernel, {"codes_ptr": "*u8"}, {"BLOCK": 256}, 2, {}),
         ("project_back-bf16", project_back._project_back_update_kernel, bf16_w, {**back, "DOT_PRECISION": "tf32"}, 8,
          {}),
         ("project_back-fp32", project_back._project_back_update_kernel, {},
@@ -109,8 +98,22 @@ def _compile_cases():
     ]
 
 
-_INTEGER_ARGS = ("rows", "cols", "rank", "numel", "splits", "rows_per_split", "cols_per_split", "M", "N", "K",
-                 "base", "half", "base_m", "half_m", "base_v", "half_v")
+def _row_norm_compile_cases(row_norm, bf16_w, lora):
+    """Every config that autotune may pick for the row-norm kernels: row_norm's (bf16), adapter_row_norm's
+    for bf16 (tensor-core products) and float32 factors, at BLOCK_R 16 and 128."""
+    cases = [(f"row_norm-{i}", row_norm._row_norm_kernel, bf16_w, config.kwargs, config.num_warps,
+              {"num_stages": config.num_stages}) for i, config in enumerate(row_norm.ROW_NORM_CONFIGS)]
+    for block_r in (16, 128):
+        for native, pointer_types in ((True, lora), (False, {})):
+            meta = {"NATIVE_DOT": native, "BLOCK_R": block_r}
+            for i, config in enumerate(row_norm._adapter_prune(None, {}, **meta)):
+                cases.append((f"adapter_row_norm-{'bf16' if native else 'fp32'}-r{block_r}-{i}",
+                              row_norm._adapter_row_norm_kernel, pointer_types, {**config.kwargs, **meta},
+                              config.num_warps, {"num_stages": config.num_stages}))
+    return cases
+
+
+_INTEGER_ARGS = ("rows", "cols", "rank", "numel", "splits", "rows_per_split", "cols_per_split", "M", "N", "K")
 
 
 def _hopper_toolchain():
@@ -138,7 +141,10 @@ def compile_for_hopper(directory: Path) -> list[str]:
     problems = []
     for name, kernel, pointer_types, constexprs, num_warps, options in _compile_cases():
         signature = {}
-        for arg in inspect.signature(kernel.fn).parameters:
+        # As the launcher specialises a call with 16-byte aligned tensors and strides a multiple of 16
+        # (the large weights whose speed matters): vectorised loads, asynchronous copies.
+        aligned = {}
+        for index, arg in enumerate(inspect.signature(kernel.fn).parameters):
             if arg in constexprs:
                 signature[arg] = "constexpr"
             elif arg.endswith("_ptr"):
@@ -147,9 +153,11 @@ def compile_for_hopper(directory: Path) -> list[str]:
                 signature[arg] = "i32"
             else:
                 signature[arg] = "fp32"
+            if arg.endswith("_ptr") or arg.startswith("stride"):
+                aligned[(index,)] = [["tt.divisibility", 16]]
         try:
             compiled = triton.compile(
-                ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
                 target=GPUTarget("cuda", 90, 32),
                 options={"num_warps": num_warps, **options},
             )

@@ -1,4 +1,9 @@
-"""Row norms in one read of the weight: `||V||_row`, and `||W0 + s B A||_row` together with `W0 A^T`."""
+"""Row norms in one read of the weight: `||V||_row`, and `||W0 + s B A||_row` together with `W0 A^T`.
+
+Both ops are bound by the one read of the weight. On a GPU `triton.autotune` picks the tile per
+(rows, cols[, rank], dtypes) from a handful of configs; under TRITON_INTERPRET (no GPU to time
+on, and slow) one small config runs instead.
+"""
 
 import torch
 import triton
@@ -10,14 +15,20 @@ from ..ops._common import NORM_FLOOR
 
 
 @triton.jit
-def _row_norm_kernel(w_ptr, norm_ptr, rows, cols, stride_w, floor, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _row_norm_kernel(
+    w_ptr, norm_ptr, rows, cols, stride_w, floor, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
+):
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = row < rows
+    w_rows = w_ptr + row.to(tl.int64)[:, None] * stride_w
     squares = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, cols, BLOCK_N):
+    # Stages given explicitly: a loop without a dot is not software-pipelined otherwise, and the
+    # asynchronous copies of the next tiles are what keeps enough bytes in flight.
+    for start in tl.range(0, cols, BLOCK_N, num_stages=STAGES):
         col = start + tl.arange(0, BLOCK_N)
         mask = row_mask[:, None] & (col < cols)[None, :]
-        w = tl.load(w_ptr + row[:, None] * stride_w + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + col[None, :], mask=mask, other=0.0).to(tl.float32)
         squares += w * w
     norm = tl.maximum(tl.sqrt(tl.sum(squares, axis=1)), floor)
     tl.store(norm_ptr + row, norm, mask=row_mask)
@@ -25,38 +36,132 @@ def _row_norm_kernel(w_ptr, norm_ptr, rows, cols, stride_w, floor, BLOCK_M: tl.c
 
 @triton.jit
 def _adapter_row_norm_kernel(
-    w_ptr, a_ptr, b_ptr, b_gram_ptr, norm_ptr, base_a_ptr, rows, cols, rank,
-    stride_w, stride_a, stride_b, stride_b_gram, scaling, floor,
-    NATIVE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    w_ptr, a_ptr, b_ptr, norm_ptr, base_a_ptr, rows, cols, rank, stride_w, stride_a, stride_b, scaling, floor,
+    NATIVE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """One sweep over a block of W0's rows: ||W0||^2 per row and W0 A^T, then the two rank-r corrections
-    n^2 = ||W0||^2 + 2 s rowsum(B * W0 A^T) + s^2 rowsum((B (A A^T)) * B), with B (A A^T) given (out x r)."""
+    """One sweep over a block of W0's rows: W0 A^T, and ||W0 + s B A||^2 summed tile by tile from the tile of
+    W0 + s B A formed in registers (never stored). The A tile feeds both products, so no A A^T is formed
+    beforehand (no launches before this one) and the sum of squares has no cancellation."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = row < rows
     r = tl.arange(0, BLOCK_R)
     r_mask = r < rank
+    k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + row.to(tl.int64)[:, None] * stride_w
+    a_cols = a_ptr + r[None, :] * stride_a
+    small_mask = row_mask[:, None] & r_mask[None, :]
+    b = tl.load(b_ptr + row[:, None] * stride_b + r[None, :], mask=small_mask, other=0.0)
+    if not NATIVE_DOT:
+        b = b.to(tl.float32)
     squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
     base_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for start in range(0, cols, BLOCK_N):
-        col = start + tl.arange(0, BLOCK_N)
+    for start in tl.range(0, cols, BLOCK_K, num_stages=STAGES):
+        col = start + k
         col_mask = col < cols
-        w = tl.load(w_ptr + row[:, None] * stride_w + col[None, :], mask=row_mask[:, None] & col_mask[None, :],
-                    other=0.0)
-        a = tl.load(a_ptr + r[:, None] * stride_a + col[None, :], mask=r_mask[:, None] & col_mask[None, :],
-                    other=0.0)
-        w32 = w.to(tl.float32)
-        squares += tl.sum(w32 * w32, axis=1)
+        w = tl.load(w_rows + col[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        a_t = tl.load(a_cols + col[:, None], mask=col_mask[:, None] & r_mask[None, :], other=0.0)  # A^T tile
         if NATIVE_DOT:  # bf16/fp16 products are exact in the float32 accumulator
-            base_a += tl.dot(w, tl.trans(a))
+            base_a = tl.dot(w, a_t, base_a)
+            lora = tl.dot(b, tl.trans(a_t))
         else:
-            base_a += tl.dot(w32, tl.trans(a.to(tl.float32)), input_precision="ieee")
-    small_mask = row_mask[:, None] & r_mask[None, :]
-    b = tl.load(b_ptr + row[:, None] * stride_b + r[None, :], mask=small_mask, other=0.0).to(tl.float32)
-    b_gram = tl.load(b_gram_ptr + row[:, None] * stride_b_gram + r[None, :], mask=small_mask, other=0.0)
-    squared = squares + (2.0 * scaling) * tl.sum(b * base_a, axis=1) + (scaling * scaling) * tl.sum(b_gram * b, axis=1)
-    norm = tl.maximum(tl.sqrt(tl.maximum(squared, 0.0)), floor)
-    tl.store(norm_ptr + row, norm, mask=row_mask)
-    tl.store(base_a_ptr + row[:, None] * rank + r[None, :], base_a, mask=row_mask[:, None] & r_mask[None, :])
+            a32 = a_t.to(tl.float32)
+            base_a = tl.dot(w.to(tl.float32), a32, base_a, input_precision="ieee")
+            lora = tl.dot(b, tl.trans(a32), input_precision="ieee")
+        merged = w.to(tl.float32) + scaling * lora
+        squares += tl.sum(merged * merged, axis=1)
+    tl.store(norm_ptr + row, tl.maximum(tl.sqrt(squares), floor), mask=row_mask)
+    tl.store(base_a_ptr + row[:, None] * rank + r[None, :], base_a, mask=small_mask)
+
+
+def _config(num_warps, **meta):
+    return triton.Config(meta, num_warps=num_warps, num_stages=meta["STAGES"])
+
+
+# Short-lived programs of a few rows, or fewer, longer ones with deeper pipelines: which fills the
+# memory system best depends on the shape and the GPU, so autotune times them. The first, without
+# pipelining, is the fixed tile this op used before.
+ROW_NORM_CONFIGS = [
+    _config(4, BLOCK_M=4, BLOCK_N=1024, STAGES=1),
+    _config(4, BLOCK_M=4, BLOCK_N=1024, STAGES=3),
+    _config(4, BLOCK_M=8, BLOCK_N=512, STAGES=4),
+    _config(8, BLOCK_M=16, BLOCK_N=512, STAGES=3),
+    _config(4, BLOCK_M=32, BLOCK_N=256, STAGES=4),
+]
+_ROW_NORM_INTERPRETED = _config(4, BLOCK_M=4, BLOCK_N=64, STAGES=1)
+
+# Tall row blocks keep the re-reads of A (every program reads all of it, from L2) a fraction of W0's
+# bytes and use Hopper's 64-row warpgroup MMA; 32-row blocks give twice the programs for weights with
+# few rows. STAGES - 1 tiles of W0 and A are in flight per program.
+ADAPTER_CONFIGS = [
+    _config(4, BLOCK_M=64, BLOCK_K=128, STAGES=4),
+    _config(4, BLOCK_M=64, BLOCK_K=64, STAGES=5),
+    _config(8, BLOCK_M=64, BLOCK_K=256, STAGES=3),
+    _config(8, BLOCK_M=128, BLOCK_K=64, STAGES=4),
+    _config(8, BLOCK_M=128, BLOCK_K=128, STAGES=3),
+    _config(4, BLOCK_M=32, BLOCK_K=128, STAGES=4),
+]
+# float32 products run on the FMA units (exact float32, as the reference): small tiles.
+ADAPTER_FP32_CONFIGS = [
+    _config(8, BLOCK_M=32, BLOCK_K=32, STAGES=3),
+    _config(8, BLOCK_M=16, BLOCK_K=64, STAGES=3),
+    _config(4, BLOCK_M=16, BLOCK_K=32, STAGES=4),
+]
+_ADAPTER_INTERPRETED = _config(4, BLOCK_M=16, BLOCK_K=64, STAGES=1)
+
+
+def _adapter_prune(configs, named_args, **kwargs):
+    """The configs for this launch's kind of product. Above BLOCK_R 64 the (rows, r) accumulator leaves
+    registers for at most 32 elements of the W0 tile per thread (the tiles that stay spill-free on sm_90)."""
+    if not kwargs["NATIVE_DOT"]:
+        return ADAPTER_FP32_CONFIGS if kwargs["BLOCK_R"] <= 64 else ADAPTER_FP32_CONFIGS[:1]
+    if kwargs["BLOCK_R"] <= 64:
+        return ADAPTER_CONFIGS
+    return [c for c in ADAPTER_CONFIGS if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps]
+
+
+# Timings cached on disk: later processes on this machine take the same tile without re-timing, so a
+# run and its resumption sum in the same order.
+_row_norm_tuned = triton.autotune(ROW_NORM_CONFIGS, key=["rows", "cols"], cache_results=True)(_row_norm_kernel)
+_adapter_row_norm_tuned = triton.autotune(
+    ADAPTER_CONFIGS + ADAPTER_FP32_CONFIGS, key=["rows", "cols", "rank"],
+    prune_configs_by={"early_config_prune": _adapter_prune}, cache_results=True,
+)(_adapter_row_norm_kernel)
+
+
+def _launch(tuned, kernel, rows, interpreted_config, config, args, meta):
+    """`tuned` (autotune picks the tile) or, with a `config` given or under the interpreter, `kernel` with it."""
+    if config is None and not triton_interpreted():
+        tuned[lambda m: (triton.cdiv(rows, m["BLOCK_M"]),)](*args, **meta)
+        return
+    config = config or interpreted_config
+    kernel[(triton.cdiv(rows, config.kwargs["BLOCK_M"]),)](
+        *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+    )
+
+
+def _row_norm_into(norm, weight, config=None):
+    """Row norms of `weight` (unit column stride) into the contiguous float32 `norm`; `config` forces a tile."""
+    rows, cols = weight.shape
+    if rows:
+        args = (weight, norm, rows, cols, weight.stride(0), NORM_FLOOR)
+        _launch(_row_norm_tuned, _row_norm_kernel, rows, _ROW_NORM_INTERPRETED, config, args, {})
+
+
+def _adapter_row_norm_into(norm, base_A, base_weight, lora_A, lora_B, scaling, config=None):
+    """`(n, W0 A^T)` into the contiguous float32 `norm` and `base_A` (inputs with unit column stride);
+    `config` forces a tile."""
+    rows, cols = base_weight.shape
+    rank = lora_A.shape[0]
+    if not rows:
+        return
+    # The interpreter has no bf16 arithmetic: there the products run in float32 (same values).
+    native = (base_weight.dtype == lora_A.dtype == lora_B.dtype and base_weight.dtype in (torch.bfloat16, torch.float16)
+              and not triton_interpreted())
+    args = (base_weight, lora_A, lora_B, norm, base_A, rows, cols, rank, base_weight.stride(0), lora_A.stride(0),
+            lora_B.stride(0), float(scaling), NORM_FLOOR)
+    meta = {"NATIVE_DOT": native, "BLOCK_R": max(16, triton.next_power_of_2(rank))}
+    _launch(_adapter_row_norm_tuned, _adapter_row_norm_kernel, rows, _ADAPTER_INTERPRETED, config, args, meta)
 
 
 def row_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -65,14 +170,8 @@ def row_norm(weight: torch.Tensor) -> torch.Tensor:
         return row_norm_op.reference(weight)
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    rows, cols = weight.shape
-    norm = torch.empty(rows, dtype=torch.float32, device=weight.device)
-    if rows:
-        block_m = 4
-        _row_norm_kernel[(triton.cdiv(rows, block_m),)](
-            weight, norm, rows, cols, weight.stride(0), NORM_FLOOR,
-            BLOCK_M=block_m, BLOCK_N=min(1024, max(16, triton.next_power_of_2(cols))), num_warps=4,
-        )
+    norm = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    _row_norm_into(norm, weight)
     return norm
 
 
@@ -80,32 +179,9 @@ def adapter_row_norm(base_weight, lora_A, lora_B, scaling):
     """`(n, W0 A^T)` as the reference, W0 read once; float64 takes the reference path."""
     if torch.float64 in (base_weight.dtype, lora_A.dtype, lora_B.dtype):
         return adapter_row_norm_op.reference(base_weight, lora_A, lora_B, scaling)
-    base_weight = base_weight if base_weight.stride(1) == 1 else base_weight.contiguous()
-    lora_A = lora_A.contiguous()
-    lora_B = lora_B.contiguous()
-    rows, cols = base_weight.shape
-    rank = lora_A.shape[0]
-    block_r = max(16, triton.next_power_of_2(rank))
-    a32 = lora_A.to(torch.float32)
-    b_gram = lora_B.to(torch.float32) @ (a32 @ a32.T)  # (out, r): rank-r work, as the reference forms it
+    base_weight, lora_A, lora_B = (t if t.stride(1) == 1 else t.contiguous() for t in (base_weight, lora_A, lora_B))
+    rows = base_weight.shape[0]
     norm = torch.empty(rows, dtype=torch.float32, device=base_weight.device)
-    base_A = torch.empty(rows, rank, dtype=torch.float32, device=base_weight.device)
-    if rows:
-        # The interpreter has no bf16 arithmetic: there the products run in float32 (same values).
-        native = (base_weight.dtype == lora_A.dtype and base_weight.dtype in (torch.bfloat16, torch.float16)
-                  and not triton_interpreted())
-        # Tiles sized so that the W0 tile, the A tile and the (rows, r) accumulator fit in registers
-        # without spilling (checked in the sm_90 compiler's resource report).
-        block_m = 16
-        if not native:
-            block_n, warps = (64 if block_r <= 32 else 32), 8
-        elif block_r <= 32:
-            block_n, warps = 256, 4
-        else:
-            block_n, warps = (128 if block_r <= 64 else 32), 8
-        _adapter_row_norm_kernel[(triton.cdiv(rows, block_m),)](
-            base_weight, lora_A, lora_B, b_gram, norm, base_A, rows, cols, rank,
-            base_weight.stride(0), lora_A.stride(0), lora_B.stride(0), b_gram.stride(0), float(scaling), NORM_FLOOR,
-            NATIVE_DOT=native, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
-        )
+    base_A = torch.empty(rows, lora_A.shape[0], dtype=torch.float32, device=base_weight.device)
+    _adapter_row_norm_into(norm, base_A, base_weight, lora_A, lora_B, scaling)
     return norm, base_A
