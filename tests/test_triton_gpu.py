@@ -82,12 +82,18 @@ def _compile_cases():
         ("matmul_f32", linear._matmul_f32_kernel, {"a_ptr": "*bf16"},
          {"NATIVE_DOT": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, {}),
         ("finite_check", adam_update._finite_check_kernel, {}, {"BLOCK": 4096}, 8, {}),
-        ("adam_update-8bit", adam_update._adam_update_kernel, {"m_ptr": "*u8", "v_ptr": "*u8", "flags_ptr": "*i32"},
-         {"LERP_FROM_END": False, "QUANTIZED": True, "BLOCK": 256}, 2, {"enable_fp_fusion": False}),
+        ("adam_update-8bit", adam_update._adam_update_kernel,
+         {"m_ptr": "*u8", "v_ptr": "*u8", "table_m_ptr": "*u8", "table_v_ptr": "*u8", "flags_ptr": "*i32"},
+         {"LERP_FROM_END": False, "QUANTIZED": True, "CANDIDATES_M": 1, "CANDIDATES_V": 1,
+          "BLOCKS": adam_update._QUANTIZED_BLOCKS, "BLOCK": 256}, adam_update._QUANTIZED_WARPS,
+         {"enable_fp_fusion": False}),
         ("adam_update-fp32", adam_update._adam_update_kernel, {"flags_ptr": "*i32"},
-         {"LERP_FROM_END": False, "QUANTIZED": False, "BLOCK": 1024}, 4, {"enable_fp_fusion": False}),
-        ("quantize", quant8._quantize_blockwise_kernel, {"codes_ptr": "*u8"}, {"BLOCK": 256}, 2, {}),
-        ("dequantize", quant8._dequantize_blockwise_kernel, {"codes_ptr": "*u8"}, {"BLOCK": 256}, 2, {}),
+         {"LERP_FROM_END": False, "QUANTIZED": False, "CANDIDATES_M": 0, "CANDIDATES_V": 0,
+          "BLOCKS": adam_update._PLAIN_BLOCKS, "BLOCK": 256}, adam_update._PLAIN_WARPS, {"enable_fp_fusion": False}),
+        ("quantize", quant8._quantize_blockwise_kernel, {"codes_ptr": "*u8", "table_ptr": "*u8"},
+         {"CANDIDATES": 1, "BLOCKS": quant8._BLOCKS_PER_PROGRAM, "BLOCK": 256}, quant8._NUM_WARPS, {}),
+        ("dequantize", quant8._dequantize_blockwise_kernel, {"codes_ptr": "*u8"},
+         {"BLOCKS": quant8._BLOCKS_PER_PROGRAM, "BLOCK": 256}, quant8._NUM_WARPS, {}),
         ("project_back-bf16", project_back._project_back_update_kernel, bf16_w, {**back, "DOT_PRECISION": "tf32"}, 8,
          {}),
         ("project_back-fp32", project_back._project_back_update_kernel, {},
@@ -113,7 +119,8 @@ def _row_norm_compile_cases(row_norm, bf16_w, lora):
     return cases
 
 
-_INTEGER_ARGS = ("rows", "cols", "rank", "numel", "splits", "rows_per_split", "cols_per_split", "M", "N", "K")
+_INTEGER_ARGS = ("rows", "cols", "rank", "numel", "splits", "rows_per_split", "cols_per_split", "M", "N", "K",
+                 "base", "half", "base_m", "half_m", "base_v", "half_v")
 
 
 def _hopper_toolchain():
