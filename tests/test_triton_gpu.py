@@ -58,16 +58,19 @@ def _compile_cases():
     lora = {"w_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16"}
     grads = {"g_ptr": "*bf16", "y_ptr": "*bf16", "bias_ptr": "*bf16", "xa_ptr": "*bf16"}
     back = {"LOW_RANK": True, "BITWISE_BF16": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32}
+    finish_bf16 = {name: "*bf16" for name in ("magnitude_ptr", "b_ptr", "grad_magnitude_ptr", "grad_b_ptr",
+                                               "b_scaled_ptr", "b_c2_low_ptr")}
+    finish = {"DETACH": False, "HAS_XA": True, "BLOCK_K": 16, **{f"BITWISE_BF16_{name}": False for name in
+                                                  ("GRAD_M", "GRAD_B", "B_SCALED", "B_C2")}}
     return _row_norm_compile_cases(row_norm, bf16_w, lora) + [
         ("column_partials-r16", norm_coefficients._column_partials_kernel, grads,
          {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_R": 16}, 4, {}),
         ("column_partials-r128", norm_coefficients._column_partials_kernel, grads,
          {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 32, "BLOCK_N": 32, "BLOCK_R": 128}, 4, {}),
-        ("finish_coefficients-r128", norm_coefficients._finish_coefficients_kernel, {"magnitude_ptr": "*bf16"},
-         {"DETACH": False, "HAS_XA": True, "BITWISE_BF16": False, "BLOCK_N": 16, "BLOCK_R": 128}, 4, {}),
-        ("finish_coefficients-r16", norm_coefficients._finish_coefficients_kernel,
-         {"magnitude_ptr": "*bf16", "base_a_ptr": "*bf16", "grad_b_ptr": "*bf16"},
-         {"DETACH": False, "HAS_XA": True, "BITWISE_BF16": False, "BLOCK_N": 64, "BLOCK_R": 16}, 4, {}),
+        ("finish_coefficients-r128", norm_coefficients._finish_coefficients_kernel, finish_bf16,
+         {**finish, "BLOCK_N": 16, "BLOCK_R": 128}, 4, {}),
+        ("finish_coefficients-r16", norm_coefficients._finish_coefficients_kernel, finish_bf16,
+         {**finish, "BLOCK_N": 64, "BLOCK_R": 16}, 4, {}),
         ("lora_a_grad-r16", linear._lora_a_grad_kernel, {"p1_ptr": "*bf16", "p2_ptr": "*bf16", "a_ptr": "*bf16",
                                                          "out_ptr": "*bf16"},
          {"DETACH": False, "BITWISE_BF16": False, "BLOCK_R": 16, "BLOCK_N": 128, "BLOCK_K": 16}, 4, {}),

@@ -65,7 +65,7 @@ def _finish_coefficients_kernel(
     cols, rank, splits, stride_base_a, stride_b, scaling,
     DETACH: tl.constexpr, HAS_XA: tl.constexpr, BITWISE_BF16_GRAD_M: tl.constexpr, BITWISE_BF16_GRAD_B: tl.constexpr,
     BITWISE_BF16_B_SCALED: tl.constexpr, BITWISE_BF16_B_C2: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """c1 = M / n, dM = colsum(g (y - b)) / M, c2 = M dM / n^2 (0 detached); in adapter mode also
     dB = s (c1 * g^T (x A^T) - c2 * (W0 A^T + s B (A A^T))), from the partials of the column pass, and the
@@ -100,10 +100,16 @@ def _finish_coefficients_kernel(
         tl.store(b_scaled_ptr + col[:, None] * rank + r[None, :], b_scaled, mask=xa_mask)
         grad_b = g_xa * row_scale[:, None]
         if not DETACH:
-            r_inner = tl.arange(0, BLOCK_R)
-            gram_a = tl.load(gram_a_ptr + r_inner[:, None] * rank + r[None, :],
-                             mask=(r_inner < rank)[:, None] & (r < rank)[None, :], other=0.0)
-            b_gram = tl.dot(b, gram_a, input_precision="ieee")  # B (A A^T), float32 products
+            # B (A A^T) in float32 products, over slices of the inner rank: no (r, r) tile in registers.
+            b_gram = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+            for inner_start in range(0, rank, BLOCK_K):
+                inner = inner_start + tl.arange(0, BLOCK_K)
+                inner_mask = inner < rank
+                b_slice = tl.load(b_ptr + col[:, None] * stride_b + inner[None, :],
+                                  mask=col_mask[:, None] & inner_mask[None, :], other=0.0).to(tl.float32)
+                gram_slice = tl.load(gram_a_ptr + inner[:, None] * rank + r[None, :],
+                                     mask=inner_mask[:, None] & (r < rank)[None, :], other=0.0)
+                b_gram += tl.dot(b_slice, gram_slice, input_precision="ieee")
             base_a = tl.load(base_a_ptr + col[:, None] * stride_base_a + r[None, :], mask=xa_mask, other=0.0)
             grad_b = grad_b - c2[:, None] * (base_a.to(tl.float32) + scaling * b_gram)
             b_c2 = b * c2[:, None]
@@ -186,7 +192,7 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None, gr
         lora.scaling if has_xa else 0.0,
         DETACH=bool(detach_norm), HAS_XA=has_xa, BITWISE_BF16_GRAD_M=bitwise_bf16(grad_magnitude_dtype),
         BITWISE_BF16_GRAD_B=bitwise_bf16(grad_dtype), BITWISE_BF16_B_SCALED=bitwise_bf16(x_dtype),
-        BITWISE_BF16_B_C2=bitwise_bf16(base_dtype), BLOCK_N=finish_block, BLOCK_R=block_r, num_warps=4,
+        BITWISE_BF16_B_C2=bitwise_bf16(base_dtype), BLOCK_N=finish_block, BLOCK_R=block_r, BLOCK_K=16, num_warps=4,
     )
     return row_scale, c2, grad_magnitude
 
