@@ -26,8 +26,9 @@ for stage in $stages; do
   case $stage in
     build) run build env TORCH_CUDA_ARCH_LIST="$arch" GRADNORMLORP_REQUIRE_EXTENSION=1 MAX_JOBS=16 \
              $py setup.py build_ext --inplace ;;
-    tests) run tests timeout 420 $py -m pytest -q -x -p no:cacheprovider tests/test_extension.py \
-             tests/test_row_norm.py tests/test_adam_update.py tests/test_project_back.py tests/test_triton_gpu.py ;;
+    tests) run tests timeout 420 $py -m pytest -q -p no:cacheprovider tests/test_extension.py \
+             tests/test_row_norm.py tests/test_adam_update.py tests/test_project_back.py tests/test_triton_gpu.py \
+             tests/test_optimizer_graph.py tests/test_quant8.py tests/test_adapter_linear.py ;;
     time) run time_cuda timeout 120 $py csrc/tools/time_cuda_kernels.py ;;
     profile) run profile_layer timeout 120 $py bench/profile_layer.py
              run profile_optimizer timeout 120 $py bench/profile_optimizer.py ;;
