@@ -185,9 +185,14 @@ def test_hyperparameters_are_used(backend):
 @pytest.mark.parametrize("backend", other_backend_params("adam_update"))
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "8bit"])
 @pytest.mark.parametrize("numel", [1, 255, 257, 2047, 4097, 4 * 2048 + 300])
-def test_states_bit_exact_with_reference_op(backend, quantized, numel):
+@pytest.mark.parametrize("target_programs", [1, 10**9], ids=["widest", "narrowest"])
+def test_states_bit_exact_with_reference_op(backend, quantized, numel, target_programs, monkeypatch):
     # Tails: one element, fewer blocks than a program takes, a partial last block, several programs. Every
     # element written (the direction starts as NaN) and every state equal to the reference op's bit for bit.
+    # Triton's programs take their widest tile (target 1 program) or one block each (an unreachable target).
+    from gradnormlorp_kernels.triton import adam_update as triton_adam_update
+
+    monkeypatch.setattr(triton_adam_update, "_TARGET_PROGRAMS", target_programs)
     code_signed, code_unsigned = maps(quantized)
     m, v = torch.randn(numel, device=DEVICE) * 1e-2, torch.rand(numel, device=DEVICE) * 1e-4
     if quantized:

@@ -18,6 +18,9 @@ from .quant8 import CodeSearch, _quantize_block, code_search
 _QUANTIZED_BLOCKS, _QUANTIZED_WARPS = 8, 4
 _PLAIN_BLOCKS, _PLAIN_WARPS = 4, 4
 _CHECK_BLOCK = 4096
+# Programs the update aims for: a projected state (r x 2048, say) is a few hundred blocks, and 8 blocks a
+# program would leave most of a GPU's multiprocessors idle, so small states take fewer blocks a program.
+_TARGET_PROGRAMS = 512
 
 
 @triton.jit
@@ -128,6 +131,8 @@ def adam_update(grad, exp_avg, exp_avg_sq, absmax_avg, absmax_avg_sq, code_signe
     power1 = torch.pow(beta1, step)
     power2 = torch.pow(beta2, step)
     weight = 1.0 - beta1
+    while blocks > 1 and triton.cdiv(num_blocks(numel), blocks) < _TARGET_PROGRAMS:
+        blocks //= 2
     _adam_update_kernel[(triton.cdiv(num_blocks(numel), blocks),)](
         flat_grad, exp_avg, exp_avg_sq, absmax_m, absmax_v, code_m, code_v, search_m.table, search_v.table,
         search_m.midpoints, search_v.midpoints, direction, flags, power1, power2, numel,
