@@ -73,6 +73,17 @@ def _graph_safe(kernel, reference):
     return call
 
 
+def _norm_optional(kernel):
+    """The compiled project-back forms the row norms in its one pass over W anyway; `with_norm=False`
+    only drops them from the result, as the op's contract says."""
+
+    def call(weight, direction, left, right, step_size, decay, gate, with_norm=True):
+        norms = kernel(weight, direction, left, right, step_size, decay, gate)
+        return norms if with_norm else norms[:0]
+
+    return call
+
+
 @functools.cache
 def _kernel(backend: str, op_name: str):
     module = load()
@@ -81,6 +92,8 @@ def _kernel(backend: str, op_name: str):
     if backend == "cuda" and not module.has_cuda():
         raise ImportError("gradnormlorp_kernels._C was built without CUDA kernels")
     kernel = getattr(module, f"{backend}_{op_name}")
+    if op_name == "project_back_update":
+        return _norm_optional(kernel)
     if op_name not in _DIFFERENTIABLE:
         return kernel
     from . import _dispatch

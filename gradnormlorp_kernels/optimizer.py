@@ -282,7 +282,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         direction = self._adam(state, projected, group)
         ops.project_back_update(
             p, direction, state.get("left") if left else None, state.get("right") if right else None,
-            float(group["scale"]), float(group["weight_decay"]), gate,
+            float(group["scale"]), float(group["weight_decay"]), gate, with_norm=False,
         )
 
     def _update_plain(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, lr) -> None:

@@ -80,6 +80,7 @@ def sample_args() -> dict[str, list[list]]:
             [rand(OUT, IN), rand(RANK, RANK), left, right, 0.1, 0.01, gate],
             [rand(OUT, IN), rand(OUT, IN), None, None, 0.1, 0.01, gate],
             [rand(OUT, IN).bfloat16(), rand(RANK, IN), left, None, 0.1, 0.01, gate],
+            [rand(OUT, IN).bfloat16(), rand(RANK, IN), left, None, 0.1, 0.0, gate, False],
         ],
     }
 

@@ -108,3 +108,17 @@ def test_decay_alone_scales_the_weight(backend):
     norms = call(backend, weight, torch.zeros_like(direction), left, right, 0.5, 0.25, 1.0)
     assert_close_scaled(weight, 0.75 * original, 1e-14, "decayed weight")
     assert_close_scaled(norms, 0.75 * torch.linalg.vector_norm(original, dim=1), 1e-14, "norms")
+
+
+@pytest.mark.parametrize("backend", backend_params("project_back_update"))
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("decay", [0.0, 1e-3])
+def test_without_norms_the_update_is_the_same(backend, weight_dtype, side, decay):
+    weight, direction, left, right = make_case(65, 129, 8, side, weight_dtype, torch.float32)
+    twin = weight.clone()
+    gate = torch.ones((), device=weight.device)
+    norms = run_op(ops.project_back_update, backend, weight, direction, left, right, 1e-2, decay, gate, False)
+    run_op(ops.project_back_update, backend, twin, direction, left, right, 1e-2, decay, gate)
+    assert norms.shape == (0,) and norms.dtype == torch.float32
+    assert torch.equal(weight, twin)

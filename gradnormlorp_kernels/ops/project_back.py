@@ -17,8 +17,10 @@ def project_back_update(
     step_size: float,
     decay: float,
     gate: torch.Tensor,
+    with_norm: bool = True,
 ) -> torch.Tensor:
-    """W <- W (1 - gate * decay) - gate * step_size * (P N Q^T); returns ||W||_row (float32).
+    """W <- W (1 - gate * decay) - gate * step_size * (P N Q^T); returns ||W||_row (float32), or an empty
+    tensor when `with_norm` is False (a caller that will not use the norms saves a pass over W).
 
     `left` (out, r) and/or `right` (in, r) may be absent (that side is not projected). `gate` is a
     0-d float tensor, 0 for a skipped (non-finite) step, so nothing here waits on the host.
@@ -32,12 +34,14 @@ def project_back_update(
     gate = gate.to(acc)
     new = weight.to(acc) * (1.0 - gate * decay) - (gate * step_size) * update
     weight.copy_(new)
+    if not with_norm:
+        return weight.new_empty(0, dtype=acc)
     return torch.linalg.vector_norm(weight.to(acc), dim=1).clamp_min(NORM_FLOOR)
 
 
 @project_back_update.custom_op.register_fake
-def _(weight, direction, left, right, step_size, decay, gate):
-    return weight.new_empty(weight.shape[0], dtype=accumulation_dtype(weight.dtype))
+def _(weight, direction, left, right, step_size, decay, gate, with_norm=True):
+    return weight.new_empty(weight.shape[0] if with_norm else 0, dtype=accumulation_dtype(weight.dtype))
 
 
 register_backend("project_back_update", "triton", "gradnormlorp_kernels.triton.project_back", "project_back_update")

@@ -67,7 +67,7 @@ def _row_norm_from_squares_kernel(squares_ptr, norm_ptr, rows, splits, floor, BL
     tl.store(norm_ptr + row, tl.maximum(tl.sqrt(total), floor), mask=mask)
 
 
-def project_back_update(weight, direction, left, right, step_size, decay, gate):
+def project_back_update(weight, direction, left, right, step_size, decay, gate, with_norm=True):
     """Same contract as the reference op; float64 weights take the reference path.
 
     The update L R is, by projection: left only P @ N, right only N @ Q^T, both (P N) @ Q^T (P N is
@@ -75,7 +75,7 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate):
     narrower weights TF32 (the update is far below one rounding of the weight).
     """
     if weight.dtype == torch.float64:
-        return project_back_update_op.reference(weight, direction, left, right, step_size, decay, gate)
+        return project_back_update_op.reference(weight, direction, left, right, step_size, decay, gate, with_norm)
     if weight.stride(1) != 1:
         raise ValueError("weight must have unit stride along its rows to be updated in place")
     rows, cols = weight.shape
@@ -90,7 +90,7 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate):
             weight.addmm_(left.to(weight.dtype), gated, alpha=-float(step_size))
         else:
             weight.addmm_(gated, right.to(weight.dtype).T, alpha=-float(step_size))
-        return row_norm(weight)
+        return row_norm(weight) if with_norm else torch.empty(0, dtype=torch.float32, device=weight.device)
     direction = direction.to(torch.float32)
     if left is not None and right is not None:
         factor_left, factor_right = left.to(torch.float32) @ direction, right.to(torch.float32).T
@@ -105,8 +105,8 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate):
     if low_rank and decay == 0.0 and weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
         gated_right = (factor_right * gate.to(torch.float32)).to(weight.dtype)  # two-sided: (P N) Q^T
         weight.addmm_(factor_left.to(weight.dtype), gated_right, alpha=-float(step_size))
-        return row_norm(weight)
-    norm = torch.empty(rows, dtype=torch.float32, device=weight.device)
+        return row_norm(weight) if with_norm else torch.empty(0, dtype=torch.float32, device=weight.device)
+    norm = torch.empty(rows if with_norm else 0, dtype=torch.float32, device=weight.device)
     if rows == 0:
         return norm
     # Tiles checked spill-free in the sm_90 resource report; columns split so that a few hundred programs
@@ -128,6 +128,8 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate):
         LOW_RANK=low_rank, DOT_PRECISION="tf32x3" if weight.dtype == torch.float32 else "tf32",
         BITWISE_BF16=bitwise_bf16(weight.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=32, num_warps=warps,
     )
+    if not with_norm:
+        return norm
     finish_block = 1024
     _row_norm_from_squares_kernel[(triton.cdiv(rows, finish_block),)](
         squares, norm, rows, splits, NORM_FLOOR, BLOCK=finish_block, num_warps=4
