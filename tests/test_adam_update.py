@@ -95,13 +95,17 @@ def test_float32_states_match_hand_written_adam(backend, shape):
     step_count, skipped = counters()
     m = torch.zeros(shape, dtype=torch.float64, device=DEVICE)
     v = torch.zeros_like(m)
+    m_size = torch.zeros_like(m)  # the first moment of |g|: the size of the terms m sums, which may cancel
     for t in range(1, STEPS + 1):
         grad = torch.randn(shape, device=DEVICE) * 10.0 ** float(torch.randint(-3, 2, ()))
         direction = step(backend, grad, state, step_count, skipped, quantized=False)
         m, v, expected = hand_adam(m, v, grad, t)
+        m_size, _, _ = hand_adam(m_size, torch.zeros_like(m), grad.abs(), t)
         assert direction.dtype == torch.float32 and direction.shape == shape
         assert_close_scaled(direction, expected, DIRECTION_RTOL, f"direction at step {t}")
-        assert_close_scaled(state["exp_avg"], m, 1e-6, f"exp_avg at step {t}")
+        # float32 rounding of each term, relative to the terms (|m| alone can be far smaller after cancellation)
+        m_error = (state["exp_avg"].to(torch.float64) - m).abs()
+        assert bool((m_error <= 1e-6 * m_size).all()), f"exp_avg at step {t}: {float((m_error / m_size).max()):.2e}"
         assert_close_scaled(state["exp_avg_sq"], v, 1e-6, f"exp_avg_sq at step {t}")
         assert step_count.item() == t and skipped.item() == 0
 

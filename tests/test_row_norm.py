@@ -177,6 +177,11 @@ def test_triton_row_norm_every_config(config, dtype):
     "config", triton_configs(lambda m: m.ADAPTER_CONFIGS + m.ADAPTER_FP32_CONFIGS + [m._ADAPTER_INTERPRETED])
 )
 def test_triton_adapter_row_norm_every_config(config, dtypes, r):
+    if DEVICE == "cuda":
+        native = dtypes == (torch.bfloat16,) * 2
+        applicable = triton_row_norm.ADAPTER_CONFIGS if native else triton_row_norm.ADAPTER_FP32_CONFIGS
+        if all(config.kwargs != c.kwargs or config.num_warps != c.num_warps for c in applicable):
+            pytest.skip("autotune never offers this tile for these dtypes (it may not fit the GPU's shared memory)")
     out, inp = 2 * config.kwargs["BLOCK_M"] + 3, 2 * config.kwargs["BLOCK_K"] + 5
     base = strided(out, inp, dtypes[0])
     lora_A = strided(r, inp, dtypes[1], inp**-0.5)

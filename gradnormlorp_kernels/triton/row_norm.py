@@ -66,7 +66,9 @@ def _adapter_row_norm_kernel(
             lora = tl.dot(b, tl.trans(a_t))
         else:
             a32 = a_t.to(tl.float32)
-            base_a = tl.dot(w.to(tl.float32), a32, base_a, input_precision="ieee")
+            # Each tile's products summed on their own, then added: blocked summation keeps float32's
+            # error near cuBLAS's over long rows (one running sum over `in` drifts several times further).
+            base_a += tl.dot(w.to(tl.float32), a32, input_precision="ieee")
             lora = tl.dot(b, tl.trans(a32), input_precision="ieee")
         merged = w.to(tl.float32) + scaling * lora
         squares += tl.sum(merged * merged, axis=1)
