@@ -24,11 +24,22 @@ CAPTURES_BEFORE_GIVING_UP = 8
 class StepGraph:
     """`run(lr)` captured once, with `lr` a device scalar; `replay(lr)` runs it for a new lr."""
 
-    def __init__(self, run: Callable[[torch.Tensor], None], device: torch.device, pool=None) -> None:
+    def __init__(self, run: Callable[[torch.Tensor], None], device: torch.device, stream: torch.cuda.Stream,
+                 pool=None) -> None:
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            run(self.lr)
+        # Captured on a side stream ordered after the current one, without `torch.cuda.graph`'s device
+        # synchronisation, gc.collect() and empty_cache(): they cost tens of milliseconds in a large process,
+        # and the capture records kernels on its own stream only.
+        current = torch.cuda.current_stream(device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            self.graph.capture_begin(pool=pool)
+            try:
+                run(self.lr)
+            finally:
+                self.graph.capture_end()
+        current.wait_stream(stream)
 
     def replay(self, lr: float) -> None:
         # Stream-ordered after the previous replay: a host-side (pinned) scalar could be overwritten
@@ -44,6 +55,7 @@ class GroupGraphs:
     def __init__(self) -> None:
         self.graphs: dict[Hashable, StepGraph] = {}
         self.pool = None
+        self.stream: torch.cuda.Stream | None = None
         self.captures = 0
         self.reuses = 0
         self.disabled = False
@@ -61,7 +73,9 @@ class GroupGraphs:
         graph = self.graphs.get(key)
         if graph is None:
             self.captures += 1
-            graph = StepGraph(step, device, self.pool)
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(device)
+            graph = StepGraph(step, device, self.stream, self.pool)
             self.pool = graph.graph.pool()
             self.graphs[key] = graph
             if len(self.graphs) > GRAPHS_KEPT:

@@ -56,6 +56,7 @@ def _adapter_row_norm_kernel(
         b = b.to(tl.float32)
     squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
     base_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    compensation = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for start in tl.range(0, cols, BLOCK_K, num_stages=STAGES):
         col = start + k
         col_mask = col < cols
@@ -66,9 +67,12 @@ def _adapter_row_norm_kernel(
             lora = tl.dot(b, tl.trans(a_t))
         else:
             a32 = a_t.to(tl.float32)
-            # Each tile's products summed on their own, then added: blocked summation keeps float32's
-            # error near cuBLAS's over long rows (one running sum over `in` drifts several times further).
-            base_a += tl.dot(w.to(tl.float32), a32, input_precision="ieee")
+            # Each tile's products summed on their own, then added with compensation (Kahan): float32's
+            # error then stays near cuBLAS's over long rows, where one running sum drifts several times further.
+            tile = tl.dot(w.to(tl.float32), a32, input_precision="ieee") - compensation
+            total = base_a + tile
+            compensation = (total - base_a) - tile
+            base_a = total
             lora = tl.dot(b, tl.trans(a32), input_precision="ieee")
         merged = w.to(tl.float32) + scaling * lora
         squares += tl.sum(merged * merged, axis=1)
