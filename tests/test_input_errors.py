@@ -181,6 +181,7 @@ def params():
     (dict(state_bits=16), r"state_bits must be one of \(8, 32\), got 16"),
     (dict(state_bits=4), r"state_bits must be one of \(8, 32\)"),
     (dict(seed=-1), r"seed must be an integer >= 0"),
+    (dict(cuda_graph="yes"), r"cuda_graph must be True or False, got 'yes'"),
 ])
 def test_optimizer_bad_hyperparameters(kwargs, pattern):
     ps = params()
