@@ -434,3 +434,30 @@ def test_public_signatures():
     for name, value in dict(target_modules="all-linear", rank=8, alpha=16, mode="adapter").items():
         assert wrap[name].default == value, name
     assert list(inspect.signature(gk.merge).parameters) == ["model"]
+
+
+@pytest.mark.parametrize("mode", ["adapter", "full"])
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph_matches_eager(mode, backend):
+    """The ops are torch.library custom ops with fake implementations, so a whole layer compiles without graph
+    breaks (on a GPU, `mode="reduce-overhead"` then replays it from a CUDA graph) and gives the same results."""
+    layer = GradNormLoRPLinear.from_linear(nn.Linear(24, 40), rank=4, alpha=8, mode=mode)
+    if layer.lora_B is not None:
+        with torch.no_grad():
+            layer.lora_B.normal_(std=0.1)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    grad = torch.randn(3, 7, 40)
+
+    def run(module):
+        out = module(x)
+        out.backward(grad)
+        grads = [x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        return [out.detach()] + grads
+
+    torch._dynamo.reset()
+    expected = run(layer)
+    got = run(torch.compile(layer, fullgraph=True, backend=backend))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
