@@ -6,12 +6,11 @@ functions by own time.
 """
 
 import argparse
-import cProfile
-import pstats
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from host_time import report_host_time
 
 from gradnormlorp_kernels import GradNormLoRPLinear
 
@@ -47,29 +46,7 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
-    report_host_time(step, args.rows)
-
-
-def report_host_time(step, rows: int, repeats: int = 20) -> None:
-    """Host time per call: the GPU is kept ahead by a long sleep kernel, so no launch waits on it."""
-    torch.cuda.synchronize()
-    host = []
-    for _ in range(repeats):
-        torch.cuda._sleep(50_000_000)  # tens of ms of GPU work queued first: the calls below never block
-        start = time.perf_counter()
-        step()
-        host.append(time.perf_counter() - start)
-        torch.cuda.synchronize()
-    host.sort()
-    print(f"host time per forward+backward: median {1e3 * host[len(host) // 2]:.3f} ms, min {1e3 * host[0]:.3f} ms")
-    profiler = cProfile.Profile()
-    torch.cuda._sleep(200_000_000)
-    profiler.enable()
-    for _ in range(10):
-        step()
-    profiler.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(rows)
+    report_host_time(step, "forward+backward", args.rows)
 
 
 if __name__ == "__main__":

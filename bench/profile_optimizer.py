@@ -6,12 +6,11 @@ and cProfile's functions by own time).
 """
 
 import argparse
-import cProfile
-import pstats
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from host_time import report_host_time
 
 from gradnormlorp_kernels import GradNormLoRPAdamW
 from gradnormlorp_kernels.benchmarks.optimizer import SIZES, weight_shapes
@@ -42,23 +41,7 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
-    host = []
-    for _ in range(10):
-        torch.cuda._sleep(200_000_000)
-        start = time.perf_counter()
-        step()
-        host.append(time.perf_counter() - start)
-        torch.cuda.synchronize()
-    host.sort()
-    print(f"host time per step: median {1e3 * host[len(host) // 2]:.3f} ms, min {1e3 * host[0]:.3f} ms")
-    profiler = cProfile.Profile()
-    torch.cuda._sleep(1_000_000_000)
-    profiler.enable()
-    for _ in range(5):
-        step()
-    profiler.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(args.rows)
+    report_host_time(step, "step", args.rows)
 
 
 if __name__ == "__main__":
