@@ -8,9 +8,8 @@ functions by own time.
 import argparse
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from host_time import report_host_time
+from profiling import profile_call
 
 from gradnormlorp_kernels import GradNormLoRPLinear
 
@@ -38,15 +37,7 @@ def main() -> None:
         for p in layer.parameters():
             p.grad = None
 
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for _ in range(10):
-            step()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
-    report_host_time(step, "forward+backward", args.rows)
+    profile_call(step, "forward+backward", args.rows)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,8 @@ and cProfile's functions by own time).
 import argparse
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from host_time import report_host_time
+from profiling import profile_call
 
 from gradnormlorp_kernels import GradNormLoRPAdamW
 from gradnormlorp_kernels.benchmarks.optimizer import SIZES, weight_shapes
@@ -33,15 +32,7 @@ def main() -> None:
             p.grad = g
         optimizer.step()
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
-    report_host_time(step, "step", args.rows)
+    profile_call(step, "step", args.rows)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,25 @@
-"""Host time of a GPU call, apart from the GPU's: the shared part of the profile_* scripts in this folder."""
+"""What the profile_* scripts in this folder share: warm up a GPU call, print torch.profiler's kernel table,
+then its host time apart from the GPU's."""
 
 import cProfile
 import pstats
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def profile_call(step, label: str, rows: int, warmup: int = 5, calls: int = 5) -> None:
+    """Kernel time by kernel over `calls` calls after `warmup`, then `report_host_time`."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+    report_host_time(step, label, rows)
 
 
 def report_host_time(step, label: str, rows: int, repeats: int = 10, calls_profiled: int = 5,
