@@ -228,10 +228,13 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         )
 
     def _refresh(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, left: bool, right: bool) -> bool:
-        """New projectors from this gradient; False (projectors kept) when the gradient is not finite."""
-        if not bool(torch.isfinite(grad).all()):  # refresh-time sync only
-            return False
+        """New projectors from this gradient; False (projectors kept) when it is not finite. A randomized
+        refresh of a matrix that has projectors decides that on the device, without a host synchronisation:
+        a result that is not finite (a non-finite gradient, a broken-down sketch) keeps the old projector."""
         rank = group["rank"]
+        on_device = group["refresh"] != "svd" and ("left" in state or "right" in state)
+        if not on_device and not bool(torch.isfinite(grad).all()):  # host sync: an SVD, or a first projector
+            return False
         for side, wanted in (("left", left), ("right", right)):
             if not wanted:
                 continue
@@ -240,13 +243,15 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             else:
                 seed = (self.seed * 1_000_003 + state["index"] * 10_007 + state["refreshes"] * 2 + (side == "right"))
                 projector = ops.randomized_projector(grad, rank, side, OVERSAMPLE, POWER_ITERS, seed % (2**63))
+                if not on_device and not bool(torch.isfinite(projector).all()):  # a first projector only
+                    projector = ops.svd_projector(grad, rank, side)
             # Kept in the gradient's dtype (bf16 for bf16 weights, as GaLore does): half the bytes of
             # float32, and the projection GEMMs run on bf16 tensor cores. Written in place when it can be,
             # so that a captured step graph keeps reading it.
             projector = projector.to(grad.dtype)
             kept = state.get(side)
             if kept is not None and kept.shape == projector.shape and kept.dtype == projector.dtype:
-                kept.copy_(projector)
+                kept.copy_(torch.where(torch.isfinite(projector).all(), projector, kept) if on_device else projector)
             else:
                 state[side] = projector
         state["refreshes"] += 1

@@ -174,3 +174,44 @@ def test_randomized_projector_matches_reference_subspace(backend):
     expected = ops.randomized_projector.reference(*args).double()
     assert_close_scaled(ours @ ours.T, expected @ expected.T, 1e-4, "P P^T")
 
+
+
+def _synchronisations(fn) -> int:
+    """How many synchronising CUDA calls `fn` makes (torch's sync debug mode, warning for each)."""
+    import warnings
+
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+def test_orthonormalize_does_not_synchronise_on_gpu():
+    y = torch.randn(2048, 136, device="cuda")
+    y[:, 100:] = 0.0  # rank-deficient: the case a check of the Cholesky would have to catch on the host
+    assert _synchronisations(lambda: ops.orthonormalize(y)) == 0
+    assert_orthonormal(ops.orthonormalize(y), 1e-5)
+
+
+@pytest.mark.gpu
+def test_randomized_projector_synchronises_at_most_in_its_eigendecomposition():
+    grad = torch.randn(2048, 5461, device="cuda", dtype=torch.bfloat16)
+    run = lambda: ops.randomized_projector(grad, 128, "left", OVERSAMPLE, POWER_ITERS, 3)  # noqa: E731
+    eigh_alone = _synchronisations(lambda: torch.linalg.eigh(torch.eye(136, device="cuda", dtype=torch.float64)))
+    assert _synchronisations(run) <= eigh_alone
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_randomized_projector_of_non_finite_matrix_is_nan(side):
+    """Decided without a host synchronisation: the optimizer keeps its old projector on a NaN result."""
+    matrix = torch.randn(33, 17, device=DEVICE)
+    matrix[4, 5] = float("inf")
+    projector = ops.randomized_projector(matrix, 3, side, OVERSAMPLE, POWER_ITERS, 5)
+    assert bool(torch.isnan(projector).all())

@@ -54,7 +54,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _clear_grads(tensors: Iterable[torch.Tensor]) -> None:
+def clear_grads(tensors: Iterable[torch.Tensor]) -> None:
     for tensor in tensors:
         tensor.grad = None
 
@@ -89,7 +89,7 @@ def time_repeated(
     samples: list[float] = []
     deadline = time.perf_counter() + warmup_ms / 1e3
     while not samples or time.perf_counter() < deadline:
-        _clear_grads(grad_to_none)
+        clear_grads(grad_to_none)
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
@@ -97,7 +97,7 @@ def time_repeated(
     repeats = max(CPU_MIN_REPEATS, int(rep_ms / max(estimate, 1e-3)))
     samples = []
     for _ in range(repeats):
-        _clear_grads(grad_to_none)
+        clear_grads(grad_to_none)
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
@@ -128,7 +128,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device, grad_to_non
     """Peak memory allocated during `fn` above what was allocated before it (CUDA only; None on the CPU)."""
     if device.type != "cuda":
         return None
-    _clear_grads(grad_to_none)
+    clear_grads(grad_to_none)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)

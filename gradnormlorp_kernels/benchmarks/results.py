@@ -25,6 +25,7 @@ COLUMNS = KEY + (
     "slowest_ms",  # optimizer: the slowest step of a refresh window
     "amortized_ms",  # optimizer: mean step over one refresh window
     "first_step_ms",  # optimizer: the step that creates the states
+    "warmup_ms",  # optimizer: the slowest of the steps between the first and the window (graph captures)
     "peak_extra_bytes",  # layer: peak allocation during forward+backward above what was there before
     "state_bytes",  # optimizer: bytes of the tensors its state holds
     "bytes_moved",  # bandwidth: the op's floor of HBM traffic (inputs read once, outputs written once)
@@ -36,7 +37,7 @@ COLUMNS = KEY + (
     "versions",
 )
 NUMERIC = (
-    "median_ms", "q20_ms", "q80_ms", "slowest_ms", "amortized_ms", "first_step_ms",
+    "median_ms", "q20_ms", "q80_ms", "slowest_ms", "amortized_ms", "first_step_ms", "warmup_ms",
     "peak_extra_bytes", "state_bytes", "bytes_moved", "gbps", "pct_of_copy",
 )
 

@@ -1,8 +1,9 @@
 """Subspace refresh: an orthonormal basis of the gradient's dominant subspace on one side.
 
 `randomized_projector` is a range finder (sketch, a few power iterations, Cholesky-QR), then the top
-directions inside the sketch from a k x k eigendecomposition: GEMMs and tiny factorisations only.
-`svd_projector` is the exact answer (GaLore's choice), for comparison and for `refresh="svd"`.
+directions inside the sketch from a k x k eigendecomposition: GEMMs and tiny factorisations only, and on a
+GPU a single host synchronisation (the eigendecomposition's own check). `svd_projector` is the exact answer
+(GaLore's choice), for comparison and for `refresh="svd"`.
 """
 
 import torch
@@ -10,6 +11,14 @@ import torch
 from .._dispatch import op
 
 SIDES = ("left", "right")
+# The float32 sketch is perturbed by this much (relative to its RMS entry) of a Gaussian matrix before its
+# Cholesky-QR: far below what a gradient's dominant directions can notice, and it keeps the sketch's
+# condition number near 1e7 even when the gradient has fewer than k directions (a zero gradient, or fewer
+# tokens than k), so the float64 Cholesky of its Gram matrix never meets a singular matrix and needs no
+# check (a check is a host synchronisation).
+SKETCH_JITTER = 1e-6
+# Absolute floor of the perturbation, so that an all-zero sketch still gets an orthonormal basis.
+JITTER_FLOOR = 1e-30
 
 
 def _check_side(side: str) -> None:
@@ -17,21 +26,44 @@ def _check_side(side: str) -> None:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
 
 
-def orthonormalize(y: torch.Tensor) -> torch.Tensor:
-    """Orthonormal columns spanning `y` (m, k): Cholesky-QR twice, Householder QR if y is rank-deficient."""
-    for _ in range(2):
+def _cholesky_qr(y: torch.Tensor, passes: int, generator: torch.Generator, failures: list) -> torch.Tensor:
+    """Columns spanning `y` (m, k) float32, orthonormal after two passes, orthonormal enough to keep power
+    iterations apart after one; float64 arithmetic, no host synchronisation. Each Cholesky's `info`
+    (nonzero: it broke down) goes to `failures`, for the caller to check on the device."""
+    m, k = y.shape
+    noise = torch.randn(m, k, generator=generator, device=y.device, dtype=torch.float64)
+    y = y.to(torch.float64)
+    scale = torch.linalg.vector_norm(y) * (SKETCH_JITTER / (m * k) ** 0.5) + JITTER_FLOOR
+    y = torch.addcmul(y, noise, scale)
+    for _ in range(passes):
         factor, info = torch.linalg.cholesky_ex(y.T @ y)
-        if int(info) != 0:  # a refresh-time sync: rank-deficient sketch (e.g. an all-zero gradient)
-            return torch.linalg.qr(y).Q
+        failures.append(info)
         y = torch.linalg.solve_triangular(factor.mT, y, upper=True, left=False)
-    return y
+    return y.to(torch.float32)
+
+
+def _orthonormal(y: torch.Tensor, passes: int, generator: torch.Generator, failures: list) -> torch.Tensor:
+    return torch.linalg.qr(y).Q if y.dtype == torch.float64 else _cholesky_qr(y, passes, generator, failures)
+
+
+def orthonormalize(y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Orthonormal columns spanning `y` (m, k). float64: Householder QR (exact, slow on a GPU); otherwise
+    Cholesky-QR twice in float64 after a perturbation of relative size SKETCH_JITTER (so the span is `y`'s
+    to about that accuracy), in float32, without a host synchronisation; NaN if the Cholesky broke down."""
+    if generator is None:
+        generator = torch.Generator(device=y.device).manual_seed(0)
+    failures: list = []
+    q = _orthonormal(y if y.dtype == torch.float64 else y.to(torch.float32), 2, generator, failures)
+    return q if not failures else torch.where(torch.stack(failures).eq(0).all(), q, torch.nan)
 
 
 @op("randomized_projector")
 def randomized_projector(
     matrix: torch.Tensor, rank: int, side: str, oversample: int, power_iters: int, seed: int
 ) -> torch.Tensor:
-    """(m, rank) for side="left" (columns span the top left singular vectors), (n, rank) for "right"."""
+    """(m, rank) for side="left" (columns span the top left singular vectors), (n, rank) for "right".
+    All NaN when `matrix` is not finite or an orthonormalisation broke down (without a host
+    synchronisation: the caller keeps its old projector then)."""
     _check_side(side)
     g = matrix.to(torch.float64 if matrix.dtype == torch.float64 else torch.float32)
     if side == "right":
@@ -40,14 +72,22 @@ def randomized_projector(
     k = min(rank + oversample, m, n)
     generator = torch.Generator(device=g.device).manual_seed(seed)
     omega = torch.randn(n, k, generator=generator, device=g.device, dtype=g.dtype)
+    failures: list = []
     y = g @ omega
     for _ in range(power_iters):
-        y = g @ orthonormalize(g.T @ orthonormalize(y))
-    basis = orthonormalize(y)
-    small = basis.T @ g  # (k, n)
-    _, vectors = torch.linalg.eigh(small @ small.T)  # ascending eigenvalues
-    top = vectors.flip(1)[:, :rank]
-    return (basis @ top).contiguous()
+        # One Cholesky-QR pass is enough between the products: it only keeps the columns apart.
+        y = g @ _orthonormal(g.T @ _orthonormal(y, 1, generator, failures), 1, generator, failures)
+    basis = _orthonormal(y, 2, generator, failures)
+    small = (basis.T @ g).to(torch.float64)  # (k, n)
+    gram = small @ small.T
+    healthy = torch.isfinite(gram).all()
+    if failures:
+        healthy &= torch.stack(failures).eq(0).all()
+    # float64: twice as fast as float32 on a GPU at k ~ 136 (cuSOLVER), and exact enough for any input.
+    # A broken sketch is zeroed rather than passed on: eigh raises on NaN.
+    _, vectors = torch.linalg.eigh(torch.where(healthy, gram, 0.0))  # ascending eigenvalues
+    top = vectors.flip(1)[:, :rank].to(basis.dtype)
+    return torch.where(healthy, basis @ top, torch.nan)
 
 
 @randomized_projector.custom_op.register_fake

@@ -1,0 +1,131 @@
+"""What a subspace refresh costs on the GPU, and which of its pieces synchronise with the host; then the
+optimizer benchmark's window step by step, each step labelled with what it did (refresh, graph capture).
+
+    python bench/profile_refresh.py [--rank 128]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import triton.testing
+
+from gradnormlorp_kernels import GradNormLoRPAdamW, ops
+from gradnormlorp_kernels.benchmarks import _timing
+from gradnormlorp_kernels.benchmarks.optimizer import SIZES, weight_shapes
+from gradnormlorp_kernels.optimizer import OVERSAMPLE, POWER_ITERS
+
+
+def wall_ms(fn, repeats: int = 7) -> float:
+    """Median wall time of one call from an idle GPU to its end: what a refresh step pays."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def synchronises(fn) -> str:
+    """'no' when `fn` runs under sync debug mode "error", else the start of the error."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "no"
+    except RuntimeError as exc:
+        return "YES: " + str(exc).splitlines()[0][:90]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def pieces(rows: int, k: int) -> None:
+    y32 = torch.randn(rows, k, device="cuda")
+    y64 = y32.double()
+    gram64 = y64.T @ y64
+    gram32 = y32.T @ y32
+    gram_cpu = gram64.cpu()
+    generator = torch.Generator(device="cuda")
+    candidates = {
+        "linalg.qr fp32": lambda: torch.linalg.qr(y32),
+        "linalg.qr fp64": lambda: torch.linalg.qr(y64),
+        "cholesky_ex fp32 (k x k)": lambda: torch.linalg.cholesky_ex(gram32),
+        "cholesky_ex fp64 (k x k)": lambda: torch.linalg.cholesky_ex(gram64),
+        "solve_triangular fp64": lambda: torch.linalg.solve_triangular(gram64.triu(), y64, upper=True, left=False),
+        "eigh fp32 (k x k)": lambda: torch.linalg.eigh(gram32),
+        "eigh fp64 (k x k)": lambda: torch.linalg.eigh(gram64),
+        "eigh on the CPU incl. copies": lambda: torch.linalg.eigh(gram64.cpu())[1].cuda(),
+        "eigh CPU only": lambda: torch.linalg.eigh(gram_cpu),
+        "svd fp32 (k x k)": lambda: torch.linalg.svd(gram32),
+        "seeded randn": lambda: torch.randn(rows, k, device="cuda", generator=generator.manual_seed(3)),
+        "orthonormalize": lambda: ops.orthonormalize(y32),
+    }
+    for name, fn in candidates.items():
+        gpu_us = 1e3 * triton.testing.do_bench(fn, warmup=5, rep=30)
+        print(f"  {rows}x{k} {name:32s} do_bench {gpu_us:8.1f} us  wall {1e3 * wall_ms(fn):8.1f} us  "
+              f"syncs: {synchronises(fn)}")
+
+
+def projectors(rank: int) -> None:
+    for shape, side in (((2048, 5461), "left"), ((5461, 2048), "right"), ((2048, 2048), "left")):
+        grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        fn = lambda: ops.randomized_projector(grad, rank, side, OVERSAMPLE, POWER_ITERS, 11)  # noqa: E731
+        print(f"  randomized_projector {shape} {side} r={rank}: wall {wall_ms(fn):.2f} ms, "
+              f"syncs: {synchronises(fn)}")
+
+
+def window(rank: int) -> None:
+    """The optimizer benchmark's window, step by step, with what each step did."""
+    size = SIZES["full"]
+    device = torch.device("cuda")
+    params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=torch.bfloat16) * 0.02) for s in weight_shapes(size)]
+    optimizer = GradNormLoRPAdamW([{"params": params, "project": True}], lr=1e-3, rank=rank,
+                                  update_proj_gap=size.gap, scale=0.25, state_bits=8)
+
+    def fresh() -> None:
+        for p in params:
+            p.grad = None
+        for p in params:
+            p.grad = torch.randn_like(p)
+
+    labelled = []
+    for _ in range(size.gap + 1):
+        fresh()
+        refreshes = sum(s["refreshes"] for s in optimizer.state.values()) if optimizer.state else 0
+        captures = sum(g.captures for g in optimizer._graphs.values())
+        ms = _timing.time_once(optimizer.step, device)
+        what = []
+        if optimizer.state and sum(s["refreshes"] for s in optimizer.state.values()) > refreshes:
+            what.append("refresh")
+        if sum(g.captures for g in optimizer._graphs.values()) > captures:
+            what.append("capture")
+        labelled.append((ms, "+".join(what) or "plain"))
+    steps = labelled[1:]
+    print(f"  first step {labelled[0][0]:.2f} ms")
+    for kind in ("plain", "refresh", "capture", "refresh+capture"):
+        times = sorted(ms for ms, what in steps if what == kind)
+        if times:
+            print(f"  {kind:16s} n={len(times):3d} median {statistics.median(times):7.2f} ms  max {times[-1]:7.2f} ms")
+    print(f"  window: median {statistics.median(m for m, _ in steps):.2f} ms, mean {statistics.fmean(m for m, _ in steps):.2f}"
+          f" ms, max {max(m for m, _ in steps):.2f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rank", type=int, default=128)
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    k = args.rank + OVERSAMPLE
+    for rows in (5461, 2048):
+        pieces(rows, k)
+    projectors(args.rank)
+    window(args.rank)
+
+
+if __name__ == "__main__":
+    main()
