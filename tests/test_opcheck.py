@@ -74,6 +74,13 @@ def sample_args() -> dict[str, list[list]]:
             [rand(OUT, IN), rand(OUT, IN), positive(OUT, IN), None, None, None, None, *counters(), 0.9, 0.999, 1e-8],
             adam_8bit_args(),
         ],
+        "project_grad": [
+            [rand(OUT, IN), left, None],
+            [rand(OUT, IN), None, right],
+            [rand(OUT, IN), left, right],
+            [rand(OUT, IN).bfloat16(), left.bfloat16(), None],
+            [rand(IN, OUT).T, None, right],
+        ],
         "project_back_update": [
             [rand(OUT, IN), rand(RANK, IN), left, None, 0.1, 0.01, gate],
             [rand(OUT, IN), rand(OUT, RANK), None, right, 0.1, 0.01, gate],

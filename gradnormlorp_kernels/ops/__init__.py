@@ -5,6 +5,7 @@ from .adapter_linear import adapter_backward, adapter_forward
 from .full_linear import full_backward, full_forward
 from .norm_coefficients import norm_coefficients
 from .project_back import project_back_update
+from .project_grad import project_grad
 from .projected_grad import grad_sketch, projected_grad
 from .quant8 import BLOCK_SIZE, dequantize_blockwise, dynamic_map, quantize_blockwise
 from .refresh import orthonormalize, randomized_projector, svd_projector
@@ -24,6 +25,7 @@ __all__ = [
     "norm_coefficients",
     "orthonormalize",
     "project_back_update",
+    "project_grad",
     "projected_grad",
     "quantize_blockwise",
     "randomized_projector",
