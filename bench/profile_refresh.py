@@ -44,6 +44,14 @@ def synchronises(fn) -> str:
         torch.cuda.set_sync_debug_mode(0)
 
 
+def with_magma(fn):
+    torch.backends.cuda.preferred_linalg_library("magma")
+    try:
+        return fn()
+    finally:
+        torch.backends.cuda.preferred_linalg_library("default")
+
+
 def pieces(rows: int, k: int) -> None:
     y32 = torch.randn(rows, k, device="cuda")
     y64 = y32.double()
@@ -59,6 +67,7 @@ def pieces(rows: int, k: int) -> None:
         "solve_triangular fp64": lambda: torch.linalg.solve_triangular(gram64.triu(), y64, upper=True, left=False),
         "eigh fp32 (k x k)": lambda: torch.linalg.eigh(gram32),
         "eigh fp64 (k x k)": lambda: torch.linalg.eigh(gram64),
+        "eigh fp64 (k x k), MAGMA": lambda: with_magma(lambda: torch.linalg.eigh(gram64)),
         "eigh on the CPU incl. copies": lambda: torch.linalg.eigh(gram64.cpu())[1].cuda(),
         "eigh CPU only": lambda: torch.linalg.eigh(gram_cpu),
         "svd fp32 (k x k)": lambda: torch.linalg.svd(gram32),

@@ -276,11 +276,15 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         """The device part of a projected step (no host synchronisation: capturable). `lr` is a float or
         a 0-d float32 device tensor; both give the same bits."""
         left, right = self._sides(group, p.shape)
-        projected = grad
-        if left:
-            projected = state["left"].T @ projected
-        if right:
-            projected = projected @ state["right"]
+        if grad.is_cuda and (grad.stride(0) * grad.element_size()) % 16:
+            # Rows not 16-byte aligned (LLaMA's 5461-wide MLP): cuBLAS falls back to a slow kernel there.
+            projected = ops.project_grad(grad, state["left"] if left else None, state["right"] if right else None)
+        else:
+            projected = grad
+            if left:
+                projected = state["left"].T @ projected
+            if right:
+                projected = projected @ state["right"]
         if "exp_avg" not in state:
             self._init_moments(state, tuple(projected.shape), p.device, group["state_bits"])
         gate = self._gate(projected, group, lr)

@@ -215,3 +215,17 @@ def test_randomized_projector_of_non_finite_matrix_is_nan(side):
     matrix[4, 5] = float("inf")
     projector = ops.randomized_projector(matrix, 3, side, OVERSAMPLE, POWER_ITERS, 5)
     assert bool(torch.isnan(projector).all())
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_randomized_on_bf16_gradient_near_optimal(side):
+    """bf16 gradients are sketched in bf16 (no float32 copy): the captured subspace is still near the SVD's."""
+    m, n, rank = 129, 97, 8
+    values = (torch.arange(1, min(m, n) + 1, dtype=torch.float64) ** -1.0).tolist()
+    matrix, _, _ = with_spectrum(m, n, values, torch.bfloat16)
+    projector = ops.randomized_projector(matrix, rank, side, OVERSAMPLE, POWER_ITERS, 7)
+    assert projector.dtype == torch.float32
+    assert_orthonormal(projector, 1e-5)
+    exact = matrix.to(torch.float64)
+    optimal = torch.linalg.svdvals(exact)[rank:].square().sum().sqrt().item()
+    assert residual(oriented(exact, side), projector) <= 1.03 * optimal

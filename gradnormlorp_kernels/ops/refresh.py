@@ -27,7 +27,7 @@ def _check_side(side: str) -> None:
 
 
 def _cholesky_qr(y: torch.Tensor, passes: int, generator: torch.Generator, failures: list) -> torch.Tensor:
-    """Columns spanning `y` (m, k) float32, orthonormal after two passes, orthonormal enough to keep power
+    """float32 columns spanning `y` (m, k), orthonormal after two passes, orthonormal enough to keep power
     iterations apart after one; float64 arithmetic, no host synchronisation. Each Cholesky's `info`
     (nonzero: it broke down) goes to `failures`, for the caller to check on the device."""
     m, k = y.shape
@@ -65,20 +65,29 @@ def randomized_projector(
     All NaN when `matrix` is not finite or an orthonormalisation broke down (without a host
     synchronisation: the caller keeps its old projector then)."""
     _check_side(side)
-    g = matrix.to(torch.float64 if matrix.dtype == torch.float64 else torch.float32)
+    # The products with the gradient run in its own dtype when that is 16-bit (tensor cores, no float32 copy
+    # of it); each product is orthonormalised before the next, so its rounding only blurs directions
+    # ~1e-3 below the largest, which the projector (kept in that dtype) could not hold anyway.
+    g = matrix if matrix.dtype in (torch.bfloat16, torch.float16) else matrix.to(
+        torch.float64 if matrix.dtype == torch.float64 else torch.float32)
     if side == "right":
         g = g.T
     m, n = g.shape
     k = min(rank + oversample, m, n)
     generator = torch.Generator(device=g.device).manual_seed(seed)
-    omega = torch.randn(n, k, generator=generator, device=g.device, dtype=g.dtype)
+    omega = torch.randn(n, k, generator=generator, device=g.device, dtype=torch.float32).to(g.dtype)
     failures: list = []
+
+    def orthonormal(y: torch.Tensor, passes: int) -> torch.Tensor:
+        y = y if y.dtype == torch.float64 else y.to(torch.float32)
+        return _orthonormal(y, passes, generator, failures)
+
     y = g @ omega
     for _ in range(power_iters):
         # One Cholesky-QR pass is enough between the products: it only keeps the columns apart.
-        y = g @ _orthonormal(g.T @ _orthonormal(y, 1, generator, failures), 1, generator, failures)
-    basis = _orthonormal(y, 2, generator, failures)
-    small = (basis.T @ g).to(torch.float64)  # (k, n)
+        y = g @ orthonormal(g.T @ orthonormal(y, 1).to(g.dtype), 1).to(g.dtype)
+    basis = orthonormal(y, 2)
+    small = (basis.T.to(g.dtype) @ g).to(torch.float64)  # (k, n)
     gram = small @ small.T
     healthy = torch.isfinite(gram).all()
     if failures:
