@@ -76,7 +76,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     proj_type: "std" projects the smaller side as GaLore does (projector min(out, in) x r, state
     max(out, in) x r), "left" (state r x in),
     "right" (out x r), "two_sided" (r x r). refresh: "randomized" (range finder, GEMMs only) or
-    "svd" (exact). Refreshes every `update_proj_gap` steps, staggered across matrices. Moments are
+    "svd" (exact). Refreshes every `update_proj_gap` steps, staggered across matrices; a randomized
+    refresh (after a matrix's first) is computed from that step's gradient after the step's update (on a
+    GPU, overlapping it) and takes effect from the next step, so no step waits for one. Moments are
     8-bit block-wise (`state_bits=8`, tensors under 4096 elements stay float32) or float32.
     A matrix whose gradient has a non-finite element skips its step (states and weight untouched);
     `skipped_steps()` counts them.
@@ -121,6 +123,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
         self.cuda_graph = cuda_graph
+        self._refresh_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._graphs: dict[int, GroupGraphs] = {}  # by group index
         if isinstance(params_or_model, nn.Module):
             params = _model_groups(params_or_model)
@@ -227,10 +230,12 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             float(group["eps"]),
         )
 
-    def _refresh(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, left: bool, right: bool) -> bool:
+    def _refresh(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, left: bool, right: bool,
+                 before_write: torch.cuda.Event | None = None) -> bool:
         """New projectors from this gradient; False (projectors kept) when it is not finite. A randomized
         refresh of a matrix that has projectors decides that on the device, without a host synchronisation:
-        a result that is not finite (a non-finite gradient, a broken-down sketch) keeps the old projector."""
+        a result that is not finite (a non-finite gradient, a broken-down sketch) keeps the old projector.
+        `before_write`: an event the current stream waits for before overwriting the projectors."""
         rank = group["rank"]
         on_device = group["refresh"] != "svd" and ("left" in state or "right" in state)
         if not on_device and not bool(torch.isfinite(grad).all()):  # host sync: an SVD, or a first projector
@@ -249,6 +254,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             # float32, and the projection GEMMs run on bf16 tensor cores. Written in place when it can be,
             # so that a captured step graph keeps reading it.
             projector = projector.to(grad.dtype)
+            if before_write is not None:
+                torch.cuda.current_stream(grad.device).wait_event(before_write)
             kept = state.get(side)
             if kept is not None and kept.shape == projector.shape and kept.dtype == projector.dtype:
                 kept.copy_(torch.where(torch.isfinite(projector).all(), projector, kept) if on_device else projector)
@@ -257,20 +264,45 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         state["refreshes"] += 1
         return True
 
-    def _advance_projected(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> bool:
-        """The host-side part of a projected step: counters and, when due, the refresh. False when the
-        matrix has no projector yet and this gradient could not give one (the step is skipped)."""
-        gap = group["update_proj_gap"]
-        has_projector = "left" in state or "right" in state
-        if not has_projector or (state["calls"] + state["phase"]) % gap == 0 and state["calls"] > 0:
-            left, right = self._sides(group, p.shape)
-            refreshed = self._refresh(p, grad, group, state, left, right)
-            if not refreshed and not has_projector:
-                state["skipped"].add_(1)
-                state["calls"] += 1
-                return False
+    def _advance_projected(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> tuple[bool, bool]:
+        """The host-side part of a projected step: counters, and the refreshes that come before the update.
+        Returns (update, refresh_after): whether the update goes ahead (not when the matrix has no
+        projector yet and this gradient could not give one) and whether a randomized refresh from this
+        gradient is due after the update.
+
+        A matrix's first projector and exact ("svd") refreshes come before the update, as in GaLore. Later
+        randomized refreshes take effect from the next step: computed from this step's gradient after
+        (on a GPU: beside) this step's update, so that no step waits for one."""
+        calls = state["calls"]
         state["calls"] += 1
-        return True
+        left, right = self._sides(group, p.shape)
+        if "left" not in state and "right" not in state:
+            if not self._refresh(p, grad, group, state, left, right):
+                state["skipped"].add_(1)
+                return False, False
+            return True, False
+        due = calls > 0 and (calls + state["phase"]) % group["update_proj_gap"] == 0
+        if due and group["refresh"] == "svd":
+            self._refresh(p, grad, group, state, left, right)
+            return True, False
+        return True, due
+
+    def _refresh_beside(self, params: list, group: dict, grads_ready: torch.cuda.Event) -> None:
+        """The due randomized refreshes of a replayed group, on a side stream: they overlap the replay
+        (which reads the old projectors) and write the new ones once it is done; the current stream then
+        waits for them, without the host waiting."""
+        device = params[0].device
+        main = torch.cuda.current_stream(device)
+        replayed = torch.cuda.Event()
+        replayed.record(main)
+        side = self._refresh_streams.setdefault(device, torch.cuda.Stream(device))
+        side.wait_event(grads_ready)
+        with torch.cuda.stream(side):
+            for p in params:
+                p.grad.record_stream(side)  # the caller may free the gradient while the refresh reads it
+                left, right = self._sides(group, p.shape)
+                self._refresh(p, p.grad, group, self.state[p], left, right, before_write=replayed)
+        main.wait_stream(side)
 
     def _update_projected(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, lr) -> None:
         """The device part of a projected step (no host synchronisation: capturable). `lr` is a float or
@@ -339,8 +371,12 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 state["refreshes"] = 0
         if not group["project"]:
             self._update_plain(p, grad, group, state, group["lr"])
-        elif self._advance_projected(p, grad, group, state):
+            return
+        update, refresh_after = self._advance_projected(p, grad, group, state)
+        if update:
             self._update_projected(p, grad, group, state, group["lr"])
+        if refresh_after:
+            self._refresh(p, grad, group, state, *self._sides(group, p.shape))
 
     def _projected_index(self, p: torch.Tensor) -> tuple[int, int]:
         projected = [q for g in self.param_groups if g["project"] for q in g["params"]]
@@ -384,12 +420,16 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     def _step_group_graphed(self, index: int, group: dict, params: list) -> None:
         for p in params:
             self._check_grad(p, p.grad)
+        refresh_after = []
         if group["project"]:
             for p in params:  # every matrix has its projector here, so none is skipped on the host
-                self._advance_projected(p, p.grad, group, self.state[p])
+                if self._advance_projected(p, p.grad, group, self.state[p])[1]:
+                    refresh_after.append(p)
             update = self._update_projected
         else:
             update = self._update_plain
+        grads_ready = torch.cuda.Event()
+        grads_ready.record(torch.cuda.current_stream(params[0].device))
         graphs = self._graphs.setdefault(index, GroupGraphs())
         try:
             graphs.run(
@@ -403,6 +443,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             graphs.give_up()
             for p in params:
                 update(p, p.grad, group, self.state[p], group["lr"])
+        if refresh_after:
+            self._refresh_beside(refresh_after, group, grads_ready)
 
     def skipped_steps(self) -> int:
         """How many parameter steps were skipped for non-finite gradients (synchronises with the GPU)."""

@@ -284,6 +284,31 @@ def test_refresh_every_gap_steps_staggered(refresh):
     assert not set.intersection(*later)
 
 
+def test_randomized_refresh_takes_effect_from_the_next_step(seed):
+    """The update of a refresh step still uses the old projector (the refresh runs after it); the next
+    step's update uses the new one. An SVD refresh comes first, as in GaLore."""
+    for refresh, update_uses in (("randomized", "old"), ("svd", "new")):
+        w = nn.Parameter(torch.zeros(48, 20))  # small weights: their change is exact to float32 rounding
+        opt = GradNormLoRPAdamW([{"params": [w], "rank": 4}], proj_type="left", update_proj_gap=2,
+                                refresh=refresh, state_bits=32)
+        gen = torch.Generator().manual_seed(seed)
+        for t in range(3):
+            w.grad = torch.randn(48, 20, generator=gen)
+            before_w = w.detach().clone()
+            before_p = opt.state[w]["left"].clone() if opt.state[w] else None
+            opt.step()
+            after_p = opt.state[w]["left"]
+            if t == 2:  # calls == 2: the refresh step (gap 2, one matrix: phase 0)
+                assert not torch.equal(before_p, after_p), "no refresh at the due step"
+                used = before_p if update_uses == "old" else after_p
+                other = after_p if update_uses == "old" else before_p
+                change = w.detach() - before_w
+                off_used = change - used @ (used.T @ change)
+                off_other = change - other @ (other.T @ change)
+                assert off_used.norm() <= 1e-4 * change.norm(), refresh
+                assert off_other.norm() > 1e-1 * change.norm(), refresh
+
+
 def test_randomized_refresh_captures_the_gradient(seed):
     m, n, rank = 96, 64, 8
     grad = low_rank_plus_noise(m, n, rank, noise=0.05, seed=seed)
