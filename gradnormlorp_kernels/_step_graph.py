@@ -16,6 +16,8 @@ from typing import Callable, Hashable
 
 import torch
 
+from .ops import refresh
+
 GRAPHS_KEPT = 4
 # Captures after which a group that reused too few of them gives up on graphs.
 CAPTURES_BEFORE_GIVING_UP = 8
@@ -83,3 +85,47 @@ class GroupGraphs:
         else:
             self.reuses += 1
         graph.replay(lr)
+
+
+class SketchGraph:
+    """The host-synchronisation-free part of a randomized refresh (`ops.refresh.sketch`: the products,
+    power iterations and Cholesky-QR passes, about a hundred small launches) for one gradient shape,
+    dtype and side, captured once and replayed; the k x k eigendecomposition, which checks its result on
+    the host, stays outside. The gradient and the random inputs are copied into static buffers (a
+    gradient-sized copy per shape: cheaper than a graph per gradient address)."""
+
+    def __init__(self, grad: torch.Tensor, side: str, k: int, power_iters: int, stream: torch.cuda.Stream) -> None:
+        self.side, self.k, self.power_iters = side, k, power_iters
+        self.grad = torch.empty_like(grad, memory_format=torch.contiguous_format)
+        g = refresh.oriented(self.grad, side)
+        m, n = g.shape
+        self.inputs = (torch.empty(n, k, dtype=g.dtype, device=g.device),
+                       torch.empty(m, k, dtype=torch.float64, device=g.device),
+                       torch.empty(n, k, dtype=torch.float64, device=g.device))
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.stream = stream
+        self.outputs: tuple | None = None
+
+    def run(self, grad: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`sketch` of `grad` with the random inputs of `seed`: (basis, gram, healthy), valid until the
+        next call. The first call runs eagerly (which also initialises the solver libraries, something a
+        capture may not do), then captures for the calls after it."""
+        self.grad.copy_(grad)
+        g = refresh.oriented(self.grad, self.side)
+        refresh.sketch_inputs(g, self.k, seed, out=self.inputs)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        eager = refresh.sketch(g, *self.inputs, self.power_iters)
+        graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(self.grad.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin()
+            try:
+                self.outputs = refresh.sketch(g, *self.inputs, self.power_iters)
+            finally:
+                graph.capture_end()
+        current.wait_stream(self.stream)
+        self.graph = graph
+        return eager

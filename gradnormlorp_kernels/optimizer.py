@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from . import _dispatch, ops
-from ._step_graph import GroupGraphs
+from ._step_graph import GroupGraphs, SketchGraph
+from .ops import refresh as refresh_ops
 from .layer import GradNormLoRPLinear
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
         self.cuda_graph = cuda_graph
-        self._refresh_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._refresh_streams: dict = {}
+        self._sketch_graphs: dict[tuple, SketchGraph] = {}
         self._graphs: dict[int, GroupGraphs] = {}  # by group index
         if isinstance(params_or_model, nn.Module):
             params = _model_groups(params_or_model)
@@ -247,7 +249,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 projector = ops.svd_projector(grad, rank, side)
             else:
                 seed = (self.seed * 1_000_003 + state["index"] * 10_007 + state["refreshes"] * 2 + (side == "right"))
-                projector = ops.randomized_projector(grad, rank, side, OVERSAMPLE, POWER_ITERS, seed % (2**63))
+                projector = self._randomized_projector(grad, rank, side, seed % (2**63))
                 if not on_device and not bool(torch.isfinite(projector).all()):  # a first projector only
                     projector = ops.svd_projector(grad, rank, side)
             # Kept in the gradient's dtype (bf16 for bf16 weights, as GaLore does): half the bytes of
@@ -263,6 +265,20 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 state[side] = projector
         state["refreshes"] += 1
         return True
+
+    def _randomized_projector(self, grad: torch.Tensor, rank: int, side: str, seed: int) -> torch.Tensor:
+        """`ops.randomized_projector`, its sketch replayed from a CUDA graph per gradient shape on a GPU
+        (same kernels, same bits; a refresh costs a few launches instead of a hundred)."""
+        if not (self.cuda_graph and grad.is_cuda) or torch.compiler.is_compiling() or \
+                torch.cuda.is_current_stream_capturing():
+            return ops.randomized_projector(grad, rank, side, OVERSAMPLE, POWER_ITERS, seed)
+        k = refresh_ops.sketch_size(refresh_ops.oriented(grad, side).shape, rank, OVERSAMPLE)
+        key = (tuple(grad.shape), grad.dtype, side, k, grad.device)
+        graph = self._sketch_graphs.get(key)
+        if graph is None:
+            stream = self._refresh_streams.setdefault(("capture", grad.device), torch.cuda.Stream(grad.device))
+            graph = self._sketch_graphs[key] = SketchGraph(grad, side, k, POWER_ITERS, stream)
+        return refresh_ops.rayleigh_ritz(*graph.run(grad, seed), rank)
 
     def _advance_projected(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> tuple[bool, bool]:
         """The host-side part of a projected step: counters, and the refreshes that come before the update.

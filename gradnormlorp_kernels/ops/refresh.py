@@ -26,12 +26,12 @@ def _check_side(side: str) -> None:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
 
 
-def _cholesky_qr(y: torch.Tensor, passes: int, generator: torch.Generator, failures: list) -> torch.Tensor:
+def _cholesky_qr(y: torch.Tensor, noise: torch.Tensor, passes: int, failures: list) -> torch.Tensor:
     """float32 columns spanning `y` (m, k), orthonormal after two passes, orthonormal enough to keep power
-    iterations apart after one; float64 arithmetic, no host synchronisation. Each Cholesky's `info`
-    (nonzero: it broke down) goes to `failures`, for the caller to check on the device."""
+    iterations apart after one; float64 arithmetic, no host synchronisation. `noise`: a float64 standard
+    Gaussian (m, k), the perturbation's direction. Each Cholesky's `info` (nonzero: it broke down) goes to
+    `failures`, for the caller to check on the device."""
     m, k = y.shape
-    noise = torch.randn(m, k, generator=generator, device=y.device, dtype=torch.float64)
     y = y.to(torch.float64)
     scale = torch.linalg.vector_norm(y) * (SKETCH_JITTER / (m * k) ** 0.5) + JITTER_FLOOR
     y = torch.addcmul(y, noise, scale)
@@ -42,19 +42,86 @@ def _cholesky_qr(y: torch.Tensor, passes: int, generator: torch.Generator, failu
     return y.to(torch.float32)
 
 
-def _orthonormal(y: torch.Tensor, passes: int, generator: torch.Generator, failures: list) -> torch.Tensor:
-    return torch.linalg.qr(y).Q if y.dtype == torch.float64 else _cholesky_qr(y, passes, generator, failures)
+def _orthonormal(y: torch.Tensor, noise: torch.Tensor, passes: int, failures: list) -> torch.Tensor:
+    return torch.linalg.qr(y).Q if y.dtype == torch.float64 else _cholesky_qr(y, noise, passes, failures)
 
 
 def orthonormalize(y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Orthonormal columns spanning `y` (m, k). float64: Householder QR (exact, slow on a GPU); otherwise
     Cholesky-QR twice in float64 after a perturbation of relative size SKETCH_JITTER (so the span is `y`'s
     to about that accuracy), in float32, without a host synchronisation; NaN if the Cholesky broke down."""
+    if y.dtype == torch.float64:
+        return torch.linalg.qr(y).Q
     if generator is None:
         generator = torch.Generator(device=y.device).manual_seed(0)
+    noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=torch.float64)
     failures: list = []
-    q = _orthonormal(y if y.dtype == torch.float64 else y.to(torch.float32), 2, generator, failures)
-    return q if not failures else torch.where(torch.stack(failures).eq(0).all(), q, torch.nan)
+    q = _cholesky_qr(y.to(torch.float32), noise, 2, failures)
+    return torch.where(torch.stack(failures).eq(0).all(), q, torch.nan)
+
+
+def oriented(matrix: torch.Tensor, side: str) -> torch.Tensor:
+    """The matrix whose column space the projector spans, in the dtype its products run in: a 16-bit
+    gradient stays 16-bit (tensor cores, no float32 copy); each product is orthonormalised before the next,
+    so its rounding only blurs directions ~1e-3 below the largest, which the projector (kept in that
+    dtype) could not hold anyway."""
+    g = matrix if matrix.dtype in (torch.bfloat16, torch.float16) else matrix.to(
+        torch.float64 if matrix.dtype == torch.float64 else torch.float32)
+    return g.T if side == "right" else g
+
+
+def sketch_size(shape: tuple, rank: int, oversample: int) -> int:
+    return min(rank + oversample, shape[0], shape[1])
+
+
+def sketch_inputs(g: torch.Tensor, k: int, seed: int, out: tuple | None = None) -> tuple:
+    """The random inputs of `sketch` for the oriented (m, n) matrix `g`: the test matrix (n, k) in g's
+    dtype and the float64 perturbation directions for m-row and n-row bases, all from `seed`; written
+    into `out` (three tensors of those shapes) when given."""
+    m, n = g.shape
+    generator = torch.Generator(device=g.device).manual_seed(seed)
+    omega = torch.randn(n, k, generator=generator, device=g.device, dtype=torch.float32)
+    if out is None:
+        return (omega.to(g.dtype),
+                torch.randn(m, k, generator=generator, device=g.device, dtype=torch.float64),
+                torch.randn(n, k, generator=generator, device=g.device, dtype=torch.float64))
+    out[0].copy_(omega)
+    torch.randn(m, k, generator=generator, device=g.device, dtype=torch.float64, out=out[1])
+    torch.randn(n, k, generator=generator, device=g.device, dtype=torch.float64, out=out[2])
+    return out
+
+
+def sketch(g: torch.Tensor, omega: torch.Tensor, noise_rows: torch.Tensor, noise_cols: torch.Tensor,
+           power_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The range finder on the oriented matrix `g` (m, n): an orthonormal basis (m, k) of its dominant
+    column space, the Gram matrix (k, k) float64 of `basis^T g` for the Rayleigh-Ritz step, and a 0-d
+    bool that is False when anything broke down (a non-finite `g`, a Cholesky). No host synchronisation:
+    the optimizer captures it in a CUDA graph."""
+    failures: list = []
+
+    def orthonormal(y: torch.Tensor, noise: torch.Tensor, passes: int) -> torch.Tensor:
+        return _orthonormal(y if y.dtype == torch.float64 else y.to(torch.float32), noise, passes, failures)
+
+    y = g @ omega
+    for _ in range(power_iters):
+        # One Cholesky-QR pass is enough between the products: it only keeps the columns apart.
+        y = g @ orthonormal(g.T @ orthonormal(y, noise_rows, 1).to(g.dtype), noise_cols, 1).to(g.dtype)
+    basis = orthonormal(y, noise_rows, 2)
+    small = (basis.T.to(g.dtype) @ g).to(torch.float64)  # (k, n)
+    gram = small @ small.T
+    healthy = torch.isfinite(gram).all()
+    if failures:
+        healthy = healthy & torch.stack(failures).eq(0).all()
+    return basis, gram, healthy
+
+
+def rayleigh_ritz(basis: torch.Tensor, gram: torch.Tensor, healthy: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top `rank` directions inside `basis` (the projector), all NaN when the sketch broke down."""
+    # float64: twice as fast as float32 on a GPU at k ~ 136 (cuSOLVER), and exact enough for any input.
+    # A broken sketch is zeroed rather than passed on: eigh raises on NaN.
+    _, vectors = torch.linalg.eigh(torch.where(healthy, gram, 0.0))  # ascending eigenvalues
+    top = vectors.flip(1)[:, :rank].to(basis.dtype)
+    return torch.where(healthy, basis @ top, torch.nan)
 
 
 @op("randomized_projector")
@@ -63,40 +130,12 @@ def randomized_projector(
 ) -> torch.Tensor:
     """(m, rank) for side="left" (columns span the top left singular vectors), (n, rank) for "right".
     All NaN when `matrix` is not finite or an orthonormalisation broke down (without a host
-    synchronisation: the caller keeps its old projector then)."""
+    synchronisation: the caller keeps its old projector then). On a GPU its one synchronisation is the
+    k x k eigendecomposition's own check."""
     _check_side(side)
-    # The products with the gradient run in its own dtype when that is 16-bit (tensor cores, no float32 copy
-    # of it); each product is orthonormalised before the next, so its rounding only blurs directions
-    # ~1e-3 below the largest, which the projector (kept in that dtype) could not hold anyway.
-    g = matrix if matrix.dtype in (torch.bfloat16, torch.float16) else matrix.to(
-        torch.float64 if matrix.dtype == torch.float64 else torch.float32)
-    if side == "right":
-        g = g.T
-    m, n = g.shape
-    k = min(rank + oversample, m, n)
-    generator = torch.Generator(device=g.device).manual_seed(seed)
-    omega = torch.randn(n, k, generator=generator, device=g.device, dtype=torch.float32).to(g.dtype)
-    failures: list = []
-
-    def orthonormal(y: torch.Tensor, passes: int) -> torch.Tensor:
-        y = y if y.dtype == torch.float64 else y.to(torch.float32)
-        return _orthonormal(y, passes, generator, failures)
-
-    y = g @ omega
-    for _ in range(power_iters):
-        # One Cholesky-QR pass is enough between the products: it only keeps the columns apart.
-        y = g @ orthonormal(g.T @ orthonormal(y, 1).to(g.dtype), 1).to(g.dtype)
-    basis = orthonormal(y, 2)
-    small = (basis.T.to(g.dtype) @ g).to(torch.float64)  # (k, n)
-    gram = small @ small.T
-    healthy = torch.isfinite(gram).all()
-    if failures:
-        healthy &= torch.stack(failures).eq(0).all()
-    # float64: twice as fast as float32 on a GPU at k ~ 136 (cuSOLVER), and exact enough for any input.
-    # A broken sketch is zeroed rather than passed on: eigh raises on NaN.
-    _, vectors = torch.linalg.eigh(torch.where(healthy, gram, 0.0))  # ascending eigenvalues
-    top = vectors.flip(1)[:, :rank].to(basis.dtype)
-    return torch.where(healthy, basis @ top, torch.nan)
+    g = oriented(matrix, side)
+    inputs = sketch_inputs(g, sketch_size(g.shape, rank, oversample), seed)
+    return rayleigh_ritz(*sketch(g, *inputs, power_iters), rank)
 
 
 @randomized_projector.custom_op.register_fake
