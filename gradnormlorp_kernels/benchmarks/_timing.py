@@ -141,3 +141,56 @@ def release_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+
+
+# L2 flush between graphed calls, as do_bench's (an H100 has 50 MiB of L2).
+FLUSH_BYTES = 256 << 20
+
+
+def _capture(body: Callable[[], object]) -> "torch.cuda.CUDAGraph":
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        body()  # library handles and workspaces are created outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        body()
+    return graph
+
+
+def time_kernels(fn: Callable[[], object], device: torch.device, calls: int = 10, rounds: int = 9,
+                 **cpu_window) -> Timing:
+    """The GPU time of `fn`'s kernels alone: `calls` calls replayed from one CUDA graph, each after an L2
+    flush, minus a graph of the flushes alone; median and quantiles over `rounds` replays.
+
+    For memory-bound kernels of tens of microseconds, where `do_bench` on a host that takes 30-100 us a
+    launch (the lent H100's) times the host instead of the kernel. Off the GPU: `time_repeated` with
+    `cpu_window`. Raises RuntimeError when `fn` cannot be captured (it synchronises)."""
+    if device.type != "cuda":
+        return time_repeated(fn, device, **cpu_window)
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device)
+
+    def flushed_calls() -> None:
+        for _ in range(calls):
+            flush.zero_()
+            fn()
+
+    def flushes() -> None:
+        for _ in range(calls):
+            flush.zero_()
+
+    graphs = [_capture(flushed_calls), _capture(flushes)]
+    samples: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for graph, times in zip(graphs, samples):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    flush_ms = statistics.median(samples[1])
+    per_call = sorted((t - flush_ms) / calls for t in samples[0])
+    return Timing(statistics.median(per_call), quantile(per_call, LOW_QUANTILE), quantile(per_call, HIGH_QUANTILE))
