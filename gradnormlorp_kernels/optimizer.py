@@ -124,7 +124,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
         self.cuda_graph = cuda_graph
-        self._refresh_streams: dict = {}
+        self._side_streams: dict[tuple, torch.cuda.Stream] = {}
         self._sketch_graphs: dict[tuple, SketchGraph] = {}
         self._graphs: dict[int, GroupGraphs] = {}  # by group index
         if isinstance(params_or_model, nn.Module):
@@ -276,7 +276,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         key = (tuple(grad.shape), grad.dtype, side, k, grad.device)
         graph = self._sketch_graphs.get(key)
         if graph is None:
-            stream = self._refresh_streams.setdefault(("capture", grad.device), torch.cuda.Stream(grad.device))
+            stream = self._side_stream("capture", grad.device)
             graph = self._sketch_graphs[key] = SketchGraph(grad, side, k, POWER_ITERS, stream)
         return refresh_ops.rayleigh_ritz(*graph.run(grad, seed), rank)
 
@@ -303,6 +303,12 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             return True, False
         return True, due
 
+    def _side_stream(self, purpose: str, device: torch.device) -> torch.cuda.Stream:
+        key = (purpose, device)
+        if key not in self._side_streams:
+            self._side_streams[key] = torch.cuda.Stream(device)
+        return self._side_streams[key]
+
     def _refresh_beside(self, params: list, group: dict, grads_ready: torch.cuda.Event) -> None:
         """The due randomized refreshes of a replayed group, on a side stream: they overlap the replay
         (which reads the old projectors) and write the new ones once it is done; the current stream then
@@ -311,7 +317,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         main = torch.cuda.current_stream(device)
         replayed = torch.cuda.Event()
         replayed.record(main)
-        side = self._refresh_streams.setdefault(device, torch.cuda.Stream(device))
+        side = self._side_stream("refresh", device)
         side.wait_event(grads_ready)
         with torch.cuda.stream(side):
             for p in params:
