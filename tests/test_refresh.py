@@ -229,3 +229,17 @@ def test_randomized_on_bf16_gradient_near_optimal(side):
     exact = matrix.to(torch.float64)
     optimal = torch.linalg.svdvals(exact)[rank:].square().sum().sqrt().item()
     assert residual(oriented(exact, side), projector) <= 1.03 * optimal
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sketch_inputs_into_buffers_are_the_same_draws(dtype):
+    """The optimizer's graphed sketch fills static buffers; the eager op draws fresh tensors: same values."""
+    from gradnormlorp_kernels.ops import refresh
+
+    g = torch.randn(37, 21, device=DEVICE).to(dtype)
+    fresh = refresh.sketch_inputs(g, 6, seed=17)
+    buffers = tuple(torch.full_like(t, float("nan")) for t in fresh)
+    filled = refresh.sketch_inputs(g, 6, seed=17, out=buffers)
+    assert all(a is b for a, b in zip(filled, buffers))
+    for a, b in zip(fresh, filled):
+        assert torch.equal(a, b)
