@@ -75,9 +75,17 @@ def _graph_safe(kernel, reference):
 
 def _norm_optional(kernel):
     """The compiled project-back forms the row norms in its one pass over W anyway; `with_norm=False`
-    only drops them from the result, as the op's contract says."""
+    only drops them from the result, as the op's contract says. It gates the direction and the decay with
+    one gate, so a gated direction with decay takes the reference."""
 
-    def call(weight, direction, left, right, step_size, decay, gate, with_norm=True):
+    def call(weight, direction, left, right, step_size, decay, gate, with_norm=True, direction_gated=False):
+        if direction_gated:
+            if decay:
+                from . import _dispatch
+
+                return _dispatch._REFERENCE["project_back_update"](
+                    weight, direction, left, right, step_size, decay, gate, with_norm, direction_gated)
+            direction, gate = direction.to(torch.float32), torch.ones_like(gate)
         norms = kernel(weight, direction, left, right, step_size, decay, gate)
         return norms if with_norm else norms[:0]
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import _dispatch, ops
+from ._flat_moments import FlatMoments
 from ._step_graph import GroupGraphs, SketchGraph
 from .ops import refresh as refresh_ops
 from .layer import GradNormLoRPLinear
@@ -127,6 +128,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         self._side_streams: dict[tuple, torch.cuda.Stream] = {}
         self._sketch_graphs: dict[tuple, SketchGraph] = {}
         self._graphs: dict[int, GroupGraphs] = {}  # by group index
+        # By group index: the matrices of each moment kind, whose moments one launch steps.
+        self._flat: dict[int, list[tuple[list, FlatMoments]]] = {}
         if isinstance(params_or_model, nn.Module):
             params = _model_groups(params_or_model)
         else:
@@ -330,15 +333,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         """The device part of a projected step (no host synchronisation: capturable). `lr` is a float or
         a 0-d float32 device tensor; both give the same bits."""
         left, right = self._sides(group, p.shape)
-        if grad.is_cuda and (grad.stride(0) * grad.element_size()) % 16:
-            # Rows not 16-byte aligned (LLaMA's 5461-wide MLP): cuBLAS falls back to a slow kernel there.
-            projected = ops.project_grad(grad, state["left"] if left else None, state["right"] if right else None)
-        else:
-            projected = grad
-            if left:
-                projected = state["left"].T @ projected
-            if right:
-                projected = projected @ state["right"]
+        projected = self._project(grad, state, left, right)
         if "exp_avg" not in state:
             self._init_moments(state, tuple(projected.shape), p.device, group["state_bits"])
         gate = self._gate(projected, group, lr)
@@ -347,6 +342,57 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             p, direction, state.get("left") if left else None, state.get("right") if right else None,
             float(group["scale"]), float(group["weight_decay"]), gate, with_norm=False,
         )
+
+    @staticmethod
+    def _project(grad: torch.Tensor, state: dict, left: bool, right: bool,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """The projected gradient P^T G, G Q or P^T G Q (into `out` when given)."""
+        if grad.is_cuda and (grad.stride(0) * grad.element_size()) % 16:
+            # Rows not 16-byte aligned (LLaMA's 5461-wide MLP): cuBLAS falls back to a slow kernel there.
+            projected = ops.project_grad(grad, state["left"] if left else None, state["right"] if right else None)
+            return projected if out is None else out.copy_(projected)
+        if left and right:
+            projected = state["left"].T @ grad
+            return projected @ state["right"] if out is None else torch.matmul(projected, state["right"], out=out)
+        if left:
+            return state["left"].T @ grad if out is None else torch.matmul(state["left"].T, grad, out=out)
+        if right:
+            return grad @ state["right"] if out is None else torch.matmul(grad, state["right"], out=out)
+        return grad if out is None else out.copy_(grad)
+
+    def _update_projected_flat(self, params: list, group: dict, flat: FlatMoments, lr: torch.Tensor) -> None:
+        """`_update_projected` of every matrix of a group with one Adam launch over `flat` (capturable):
+        the projections write into one flat gradient, and a one-sided bf16/fp16 update without decay gets
+        its direction already multiplied by lr and rounded, as the per-matrix path rounds it; the result is
+        bit-identical to `_update_projected` matrix by matrix."""
+        shapes, sides = [], []
+        projected = torch.empty(flat.total, dtype=params[0].grad.dtype, device=params[0].device)
+        for p, (start, numel) in zip(params, flat.spans):
+            state = self.state[p]
+            left, right = self._sides(group, p.shape)
+            shape = state["exp_avg"].shape
+            self._project(p.grad, state, left, right, out=projected[start:start + numel].view(shape))
+            shapes.append(shape)
+            sides.append((left, right))
+        decay = float(group["weight_decay"])
+        # Where project_back_update rounds the gated direction to the weight's dtype before its product
+        # (triton backend, one-sided, bf16/fp16, no decay), the Adam launch does that rounding instead.
+        gated = decay == 0.0 and params[0].is_cuda and params[0].dtype in (torch.bfloat16, torch.float16) and \
+            all(left != right for left, right in sides) and \
+            _dispatch.select("project_back_update", "cuda")[0] == "triton"
+
+        beta1, beta2 = group["betas"]
+        codes = (ops.dynamic_map(True, lr.device), ops.dynamic_map(False, lr.device)) if flat.quantized else (None, None)
+        directions = flat.update(projected, *codes, float(beta1), float(beta2), float(group["eps"]),
+                                 lr if gated else torch.ones_like(lr), params[0].dtype if gated else torch.float32)
+        for p, (start, numel), shape, (left, right) in zip(params, flat.spans, shapes, sides):
+            state = self.state[p]
+            gate = self._gate(projected[start:start + numel], group, lr)
+            ops.project_back_update(
+                p, directions[start:start + numel].view(shape), state["left"] if left else None,
+                state["right"] if right else None, float(group["scale"]), decay, gate, with_norm=False,
+                direction_gated=gated,
+            )
 
     def _update_plain(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, lr) -> None:
         """A plain AdamW step on the device (capturable), `lr` as in `_update_projected`."""
@@ -429,40 +475,71 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 return False
         return not (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
 
-    def _graph_key(self, group: dict, params: list) -> tuple:
-        """Everything a captured step depends on besides lr: tensor addresses and layouts, the settings."""
+    def _graph_key(self, group: dict, params: list, flat: list | None = None) -> tuple:
+        """Everything a captured step depends on besides lr: tensor addresses and layouts, the settings.
+        Moments held by flat layouts are named by their serials (they do not move while held)."""
         key: list = [_dispatch.current_preference(), group["project"], tuple(group["betas"]), group["eps"],
-                     group["weight_decay"], group["scale"], group["proj_type"], group["state_bits"]]
+                     group["weight_decay"], group["scale"], group["proj_type"], group["state_bits"],
+                     None if flat is None else tuple(layout.serial for _, layout in flat)]
         for p in params:
             grad = p.grad
             key.append((p.data_ptr(), grad.data_ptr(), grad.dtype, grad.stride()))
-            key.extend((k, t.data_ptr(), t.dtype) for k, t in self.state[p].items() if isinstance(t, torch.Tensor))
+            if flat is None:
+                key.extend((k, t.data_ptr(), t.dtype) for k, t in self.state[p].items() if isinstance(t, torch.Tensor))
+            else:
+                key.extend((k, self.state[p][k].data_ptr()) for k in ("left", "right") if k in self.state[p])
         return tuple(key)
+
+    def _flat_moments(self, index: int, params: list) -> list[tuple[list, FlatMoments]] | None:
+        """The group's matrices by moment kind (8-bit, float32), each kind's moments flat (built, states
+        copied in, when the states are not its views); None when they cannot share Adam launches."""
+        if len({p.grad.dtype for p in params}) != 1 or len({p.dtype for p in params}) != 1:
+            return None
+        kinds: dict[bool, list] = {}
+        for p in params:
+            kinds.setdefault("absmax_exp_avg" in self.state[p], []).append(p)
+        layouts = self._flat.get(index, [])
+        if len(layouts) == len(kinds) and all(
+                flat.holds([self.state[p] for p in kinds.get(flat.quantized, [])]) for _, flat in layouts):
+            return layouts
+        layouts = []
+        for members in kinds.values():
+            states = [self.state[p] for p in members]
+            layouts.append((members, FlatMoments(states, [s["exp_avg"].numel() for s in states], members[0].device)))
+        self._flat[index] = layouts
+        return layouts
 
     def _step_group_graphed(self, index: int, group: dict, params: list) -> None:
         for p in params:
             self._check_grad(p, p.grad)
         refresh_after = []
+        flat = None
         if group["project"]:
             for p in params:  # every matrix has its projector here, so none is skipped on the host
                 if self._advance_projected(p, p.grad, group, self.state[p])[1]:
                     refresh_after.append(p)
-            update = self._update_projected
+            flat = self._flat_moments(index, params)
+
+            def update_all(lr):
+                if flat is not None:
+                    for members, layout in flat:
+                        self._update_projected_flat(members, group, layout, lr)
+                else:
+                    for p in params:
+                        self._update_projected(p, p.grad, group, self.state[p], lr)
         else:
-            update = self._update_plain
+            def update_all(lr):
+                for p in params:
+                    self._update_plain(p, p.grad, group, self.state[p], lr)
         grads_ready = torch.cuda.Event()
         grads_ready.record(torch.cuda.current_stream(params[0].device))
         graphs = self._graphs.setdefault(index, GroupGraphs())
         try:
-            graphs.run(
-                self._graph_key(group, params),
-                lambda lr: [update(p, p.grad, group, self.state[p], lr) for p in params],
-                params[0].device,
-                group["lr"],
-            )
+            graphs.run(self._graph_key(group, params, flat), update_all, params[0].device, group["lr"])
         except RuntimeError as exc:  # capture is an optimisation (and runs nothing): launch one by one instead
             logger.warning("GradNormLoRPAdamW: CUDA graph capture failed (%s); stepping without graphs", exc)
             graphs.give_up()
+            update = self._update_projected if group["project"] else self._update_plain
             for p in params:
                 update(p, p.grad, group, self.state[p], group["lr"])
         if refresh_after:
@@ -484,6 +561,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         saved_groups = state_dict["param_groups"]
         super().load_state_dict(state_dict)
         self._graphs.clear()  # the states are new tensors: graphs are captured anew on them
+        self._flat.clear()
         ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(ids, params):

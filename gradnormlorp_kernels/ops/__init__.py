@@ -10,6 +10,7 @@ from .projected_grad import grad_sketch, projected_grad
 from .quant8 import BLOCK_SIZE, dequantize_blockwise, dynamic_map, quantize_blockwise
 from .refresh import orthonormalize, randomized_projector, svd_projector
 from .row_norm import adapter_row_norm, row_norm
+from .segmented_adam_update import segment_layout, segmented_adam_update
 
 __all__ = [
     "BLOCK_SIZE",
@@ -30,5 +31,7 @@ __all__ = [
     "quantize_blockwise",
     "randomized_projector",
     "row_norm",
+    "segment_layout",
+    "segmented_adam_update",
     "svd_projector",
 ]

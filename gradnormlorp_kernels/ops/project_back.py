@@ -18,9 +18,12 @@ def project_back_update(
     decay: float,
     gate: torch.Tensor,
     with_norm: bool = True,
+    direction_gated: bool = False,
 ) -> torch.Tensor:
     """W <- W (1 - gate * decay) - gate * step_size * (P N Q^T); returns ||W||_row (float32), or an empty
     tensor when `with_norm` is False (a caller that will not use the norms saves a pass over W).
+    `direction_gated`: N is already multiplied by the gate (and may be in W's dtype), which then only
+    scales the decay: W <- W (1 - gate * decay) - step_size * (P N Q^T).
 
     `left` (out, r) and/or `right` (in, r) may be absent (that side is not projected). `gate` is a
     0-d float tensor, 0 for a skipped (non-finite) step, so nothing here waits on the host.
@@ -32,7 +35,8 @@ def project_back_update(
     if right is not None:
         update = update @ right.to(acc).T
     gate = gate.to(acc)
-    new = weight.to(acc) * (1.0 - gate * decay) - (gate * step_size) * update
+    update_scale = step_size if direction_gated else gate * step_size
+    new = weight.to(acc) * (1.0 - gate * decay) - update_scale * update
     weight.copy_(new)
     if not with_norm:
         return weight.new_empty(0, dtype=acc)
@@ -40,7 +44,7 @@ def project_back_update(
 
 
 @project_back_update.custom_op.register_fake
-def _(weight, direction, left, right, step_size, decay, gate, with_norm=True):
+def _(weight, direction, left, right, step_size, decay, gate, with_norm=True, direction_gated=False):
     return weight.new_empty(weight.shape[0] if with_norm else 0, dtype=accumulation_dtype(weight.dtype))
 
 

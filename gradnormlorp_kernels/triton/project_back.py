@@ -4,6 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dispatch import triton_interpreted
 from ..ops._common import NORM_FLOOR
 from ..ops.project_back import project_back_update as project_back_update_op
 from .rounding import _round_to, bitwise_bf16
@@ -11,11 +12,14 @@ from .row_norm import row_norm
 
 # Programs the weight pass aims for: a few per multiprocessor of a large GPU.
 _TARGET_PROGRAMS = 512
+# The one-sided bf16/fp16 kernel: (rows, columns, rank) of a tile, and warps.
+_ONE_SIDED_TILE = (64, 64, 64)
+_ONE_SIDED_WARPS = 4
 
 
 @triton.jit
 def _project_back_update_kernel(
-    w_ptr, left_ptr, right_ptr, gate_ptr, squares_ptr, rows, cols, rank, cols_per_split,
+    w_ptr, left_ptr, right_ptr, gate_ptr, update_gate_ptr, squares_ptr, rows, cols, rank, cols_per_split,
     stride_w, stride_l0, stride_l1, stride_r0, stride_r1, step_size, decay,
     LOW_RANK: tl.constexpr, DOT_PRECISION: tl.constexpr, BITWISE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -27,9 +31,8 @@ def _project_back_update_kernel(
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     row_mask = row < rows
-    gate = tl.load(gate_ptr).to(tl.float32)
-    keep = 1.0 - gate * decay
-    scale = gate * step_size
+    keep = 1.0 - tl.load(gate_ptr).to(tl.float32) * decay
+    scale = tl.load(update_gate_ptr).to(tl.float32) * step_size
     squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
     first = split * cols_per_split
     for start in range(first, tl.minimum(first + cols_per_split, cols), BLOCK_N):
@@ -58,6 +61,37 @@ def _project_back_update_kernel(
 
 
 @triton.jit
+def _one_sided_update_kernel(
+    w_ptr, a_ptr, b_ptr, rows, cols, rank, stride_w, stride_a0, stride_a1, stride_b0, stride_b1, step_size,
+    BITWISE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """W <- W - step_size (A B) for one tile of a bf16/fp16 W, the factors rounded to W's dtype as the cuBLAS
+    path rounds them. For weights whose rows are not 16-byte aligned, where cuBLAS falls back to a slow kernel."""
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = row < rows
+    col_mask = col < cols
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r_start in range(0, rank, BLOCK_R):
+        r = r_start + tl.arange(0, BLOCK_R)
+        r_mask = r < rank
+        a = tl.load(a_ptr + row[:, None] * stride_a0 + r[None, :] * stride_a1,
+                    mask=row_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + r[:, None] * stride_b0 + col[None, :] * stride_b1,
+                    mask=r_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        a = _round_to(a, w_ptr.dtype.element_ty, BITWISE_BF16)
+        b = _round_to(b, w_ptr.dtype.element_ty, BITWISE_BF16)
+        if BITWISE_BF16:  # the interpreter: bf16 values, multiplied in float32
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
+    pointers = w_ptr + row[:, None] * stride_w + col[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    w = tl.load(pointers, mask=mask, other=0.0)
+    tl.store(pointers, _round_to(w.to(tl.float32) - step_size * acc, w.dtype, BITWISE_BF16), mask=mask)
+
+
+@triton.jit
 def _row_norm_from_squares_kernel(squares_ptr, norm_ptr, rows, splits, floor, BLOCK: tl.constexpr):
     row = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = row < rows
@@ -67,7 +101,7 @@ def _row_norm_from_squares_kernel(squares_ptr, norm_ptr, rows, splits, floor, BL
     tl.store(norm_ptr + row, tl.maximum(tl.sqrt(total), floor), mask=mask)
 
 
-def project_back_update(weight, direction, left, right, step_size, decay, gate, with_norm=True):
+def project_back_update(weight, direction, left, right, step_size, decay, gate, with_norm=True, direction_gated=False):
     """Same contract as the reference op; float64 weights take the reference path.
 
     The update L R is, by projection: left only P @ N, right only N @ Q^T, both (P N) @ Q^T (P N is
@@ -75,21 +109,34 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate, 
     narrower weights TF32 (the update is far below one rounding of the weight).
     """
     if weight.dtype == torch.float64:
-        return project_back_update_op.reference(weight, direction, left, right, step_size, decay, gate, with_norm)
+        return project_back_update_op.reference(weight, direction, left, right, step_size, decay, gate, with_norm,
+                                                direction_gated)
     if weight.stride(1) != 1:
         raise ValueError("weight must have unit stride along its rows to be updated in place")
     rows, cols = weight.shape
-    if (decay == 0.0 and weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
-            and (left is None) != (right is None) and rows and cols):
-        # One-sided: cuBLAS reads and writes the weight once (W + alpha L R, accumulated in float32) at
-        # close to the memory floor. The gated direction and the projector are rounded to the weight's
-        # dtype, as GaLore's update is; a projector already in that dtype is used as it is.
-        gated = torch.empty(direction.shape, dtype=weight.dtype, device=weight.device)
-        torch.mul(direction, gate.to(torch.float32), out=gated)
-        if left is not None:
-            weight.addmm_(left.to(weight.dtype), gated, alpha=-float(step_size))
+    one_sided_narrow = (decay == 0.0 and weight.dtype in (torch.bfloat16, torch.float16)
+                        and (left is None) != (right is None) and rows and cols)
+    if one_sided_narrow and (weight.is_cuda or triton_interpreted()):
+        # One-sided: W + alpha L R accumulated in float32, W read and written once. The gated direction and
+        # the projector are rounded to the weight's dtype, as GaLore's update is.
+        if direction_gated:
+            gated = direction.to(weight.dtype)
         else:
-            weight.addmm_(gated, right.to(weight.dtype).T, alpha=-float(step_size))
+            gated = torch.empty(direction.shape, dtype=weight.dtype, device=weight.device)
+            torch.mul(direction, gate.to(torch.float32), out=gated)
+        factor_a, factor_b = (left, gated) if left is not None else (gated, right.T)
+        if weight.is_cuda and (weight.stride(0) * weight.element_size()) % 16 == 0:
+            weight.addmm_(factor_a.to(weight.dtype), factor_b.to(weight.dtype), alpha=-float(step_size))
+        else:
+            # Rows not 16-byte aligned (LLaMA's 5461-wide MLP): cuBLAS's fallback kernel there is slower
+            # than this one, which forms the same rounded product tile by tile (bench/time_project_back.py).
+            block_m, block_n, block_r = _ONE_SIDED_TILE
+            _one_sided_update_kernel[(triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))](
+                weight, factor_a, factor_b, rows, cols, factor_a.shape[1], weight.stride(0), factor_a.stride(0),
+                factor_a.stride(1), factor_b.stride(0), factor_b.stride(1), float(step_size),
+                BITWISE_BF16=bitwise_bf16(weight.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+                num_warps=_ONE_SIDED_WARPS,
+            )
         return row_norm(weight) if with_norm else torch.empty(0, dtype=torch.float32, device=weight.device)
     direction = direction.to(torch.float32)
     if left is not None and right is not None:
@@ -103,7 +150,8 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate, 
     low_rank = factor_left is not None
     rank = factor_left.shape[1] if low_rank else 0
     if low_rank and decay == 0.0 and weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
-        gated_right = (factor_right * gate.to(torch.float32)).to(weight.dtype)  # two-sided: (P N) Q^T
+        gated_right = factor_right if direction_gated else factor_right * gate.to(torch.float32)
+        gated_right = gated_right.to(weight.dtype)  # two-sided: (P N) Q^T
         weight.addmm_(factor_left.to(weight.dtype), gated_right, alpha=-float(step_size))
         return row_norm(weight) if with_norm else torch.empty(0, dtype=torch.float32, device=weight.device)
     norm = torch.empty(rows if with_norm else 0, dtype=torch.float32, device=weight.device)
@@ -121,7 +169,8 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate, 
     splits = triton.cdiv(cols, cols_per_split) if cols else 1
     squares = torch.empty(splits, rows, dtype=torch.float32, device=weight.device)
     _project_back_update_kernel[(row_blocks, splits)](
-        weight, factor_left if low_rank else factor_right, factor_right, gate, squares, rows, cols, rank,
+        weight, factor_left if low_rank else factor_right, factor_right, gate,
+        torch.ones_like(gate) if direction_gated else gate, squares, rows, cols, rank,
         cols_per_split, weight.stride(0), factor_left.stride(0) if low_rank else 0,
         factor_left.stride(1) if low_rank else 0, factor_right.stride(0), factor_right.stride(1),
         float(step_size), float(decay),

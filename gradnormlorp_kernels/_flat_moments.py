@@ -1,0 +1,71 @@
+"""The Adam states of a group's projected matrices laid end to end, so one `segmented_adam_update` steps
+them all.
+
+Each matrix keeps its own state entries (`exp_avg`, `exp_avg_sq`, the absmax, `step`, `skipped`), as views
+into flat buffers, so the per-matrix code paths, `state_dict()` and every test see the same tensors as
+before. A layout is rebuilt (states copied in) whenever an entry is no longer its view, after
+`load_state_dict` say.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from . import ops
+from .ops.quant8 import BLOCK_SIZE
+
+
+class FlatMoments:
+    """Flat moments of `states` (all 8-bit or all float32, on one device), in order; `numels` are the
+    moments' sizes."""
+
+    _serials = itertools.count()
+
+    def __init__(self, states: list[dict], numels: list[int], device: torch.device) -> None:
+        self.serial = next(self._serials)  # names this layout in a graph key (an id() could be reused)
+        self.quantized = "absmax_exp_avg" in states[0]
+        self.starts, self.numels, total = ops.segment_layout(numels, device)
+        self.total = total
+        starts = self.starts.tolist()
+        moments_dtype = states[0]["exp_avg"].dtype
+        self.spans = [(start, numel) for start, numel in zip(starts, numels)]
+        self.exp_avg = torch.empty(total, dtype=moments_dtype, device=device)
+        self.exp_avg_sq = torch.empty(total, dtype=moments_dtype, device=device)
+        blocks = total // BLOCK_SIZE
+        self.absmax_exp_avg = torch.zeros(blocks, dtype=torch.float32, device=device) if self.quantized else None
+        self.absmax_exp_avg_sq = torch.zeros(blocks, dtype=torch.float32, device=device) if self.quantized else None
+        self.step = torch.empty(len(states), dtype=torch.float32, device=device)
+        self.skipped = torch.empty(len(states), dtype=torch.float32, device=device)
+        self._views: list[dict] = []
+        for index, (state, (start, numel)) in enumerate(zip(states, self.spans)):
+            block = start // BLOCK_SIZE
+            views = {
+                "exp_avg": self.exp_avg[start:start + numel],
+                "exp_avg_sq": self.exp_avg_sq[start:start + numel],
+                "step": self.step[index],
+                "skipped": self.skipped[index],
+            }
+            if self.quantized:
+                blocks_of = state["absmax_exp_avg"].numel()
+                views["absmax_exp_avg"] = self.absmax_exp_avg[block:block + blocks_of]
+                views["absmax_exp_avg_sq"] = self.absmax_exp_avg_sq[block:block + blocks_of]
+            for key, view in views.items():
+                view.copy_(state[key].reshape(view.shape))
+                state[key] = view.view(state[key].shape)
+            self._views.append({key: state[key] for key in views})
+
+    def holds(self, states: list[dict]) -> bool:
+        """Whether every state entry is still this layout's view (identity: cheap, and exact)."""
+        return len(states) == len(self._views) and all(
+            state.get(key) is view for state, views in zip(states, self._views) for key, view in views.items()
+        )
+
+    def update(self, grad: torch.Tensor, code_signed, code_unsigned, beta1: float, beta2: float, eps: float,
+               scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """`segmented_adam_update` of the flat gradient `grad` (laid out as `spans`) on these moments."""
+        return ops.segmented_adam_update(
+            grad, self.exp_avg, self.exp_avg_sq, self.absmax_exp_avg, self.absmax_exp_avg_sq, code_signed,
+            code_unsigned, self.starts, self.numels, self.step, self.skipped, beta1, beta2, eps, scale, out_dtype,
+        )
