@@ -158,12 +158,16 @@ def assert_states_equal(actual, expected, when):
             assert_bit_equal(actual[name], value, f"{name} {when}")
 
 
-def set_tiles(monkeypatch, backend, target_programs):
-    """Triton's tile width: 1 target program = widest tiles (spanning segments and padding), an unreachable
-    target = one quantisation block a program."""
+WIDEST, NARROWEST = 8, 1  # quantisation blocks a program of Triton's update takes
+
+
+def set_tiles(monkeypatch, backend, blocks):
+    """Triton's update tile: `blocks` quantisation blocks a program (WIDEST: tiles spanning several
+    segments and the padding between them; NARROWEST: one block a program)."""
     if backend == "triton":
         module = importlib.import_module("gradnormlorp_kernels.triton.segmented_adam_update")
-        monkeypatch.setattr(module, "_TARGET_PROGRAMS", target_programs)
+        monkeypatch.setattr(module, "_QUANTIZED_BLOCKS", blocks)
+        monkeypatch.setattr(module, "_PLAIN_BLOCKS", blocks)
 
 
 def scale_tensor(value=-0.375):
@@ -185,7 +189,7 @@ def test_bit_exact_with_adam_update_per_segment(backend, layout, quantized, out_
     elements, _ = inside_masks(starts, numels, total)
     scale = scale_tensor()
     for t in range(1, STEPS + 1):
-        set_tiles(monkeypatch, backend, 1 if t % 2 else 10**9)  # tiles across segments, then block by block
+        set_tiles(monkeypatch, backend, WIDEST if t % 2 else NARROWEST)
         grad = make_grad(starts, numels, total)
         out = segmented(backend, grad, state, starts, numels, scale, out_dtype)
         expected_out = per_segment(backend, grad, expected, starts, numels, scale, out_dtype)
@@ -244,7 +248,7 @@ NON_FINITE_CASES = [
 def test_non_finite_gradient_skips_only_its_segment(backend, quantized, bad, bad_segment, bad_element, monkeypatch):
     if interpreted(backend) and bad == float("-inf"):
         pytest.skip("slow under TRITON_INTERPRET; nan and +inf cover it, the GPU run covers -inf")
-    set_tiles(monkeypatch, backend, 1)  # the bad segment shares its tiles with finite ones
+    set_tiles(monkeypatch, backend, WIDEST)  # the bad segment shares its tiles with finite ones
     starts, numels, total = gapped_layout()
     state = make_state(starts, numels, total, quantized)
     expected = clone_state(state)
@@ -292,9 +296,9 @@ def test_non_finite_gradient_skips_only_its_segment(backend, quantized, bad, bad
 @pytest.mark.parametrize("backend", backend_params("segmented_adam_update"))
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "8bit"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["out_fp32", "out_bf16"])
-@pytest.mark.parametrize("target_programs", [1, 10**9], ids=["widest", "narrowest"])
-def test_padding_untouched_and_segments_written(backend, quantized, out_dtype, target_programs, monkeypatch):
-    set_tiles(monkeypatch, backend, target_programs)
+@pytest.mark.parametrize("tile_blocks", [WIDEST, NARROWEST], ids=["widest", "narrowest"])
+def test_padding_untouched_and_segments_written(backend, quantized, out_dtype, tile_blocks, monkeypatch):
+    set_tiles(monkeypatch, backend, tile_blocks)
     starts, numels, total = gapped_layout()
     state = make_state(starts, numels, total, quantized)
     before = clone_state(state)
