@@ -1,7 +1,8 @@
 """What a subspace refresh costs on the GPU, and which of its pieces synchronise with the host; then the
-optimizer benchmark's window step by step, each step labelled with what it did (refresh, graph capture).
+optimizer benchmark's window step by step, each step labelled with what it did (a refresh's sketch, a
+refresh's finish, a graph capture).
 
-    python bench/profile_refresh.py [--rank 128]
+    python bench/profile_refresh.py [--rank 128] [--window-only]
 """
 
 import argparse
@@ -106,17 +107,20 @@ def window(rank: int) -> None:
     for _ in range(size.gap + 1):
         fresh()
         refreshes = sum(s["refreshes"] for s in optimizer.state.values()) if optimizer.state else 0
+        pending = sum(optimizer._pending(s) for s in optimizer.state.values())
         captures = sum(g.captures for g in optimizer._graphs.values())
         ms = _timing.time_once(optimizer.step, device)
         what = []
+        if sum(optimizer._pending(s) for s in optimizer.state.values()) < pending:
+            what.append("finish")
         if optimizer.state and sum(s["refreshes"] for s in optimizer.state.values()) > refreshes:
-            what.append("refresh")
+            what.append("sketch")
         if sum(g.captures for g in optimizer._graphs.values()) > captures:
             what.append("capture")
         labelled.append((ms, "+".join(what) or "plain"))
     steps = labelled[1:]
     print(f"  first step {labelled[0][0]:.2f} ms")
-    for kind in ("plain", "refresh", "capture", "refresh+capture"):
+    for kind in ("plain", "sketch", "finish", "finish+sketch", "capture", "sketch+capture", "finish+capture"):
         times = sorted(ms for ms, what in steps if what == kind)
         if times:
             print(f"  {kind:16s} n={len(times):3d} median {statistics.median(times):7.2f} ms  max {times[-1]:7.2f} ms")
@@ -127,12 +131,14 @@ def window(rank: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--window-only", action="store_true", help="only the optimizer window")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    k = args.rank + OVERSAMPLE
-    for rows in (5461, 2048):
-        pieces(rows, k)
-    projectors(args.rank)
+    if not args.window_only:
+        k = args.rank + OVERSAMPLE
+        for rows in (5461, 2048):
+            pieces(rows, k)
+        projectors(args.rank)
     window(args.rank)
 
 

@@ -29,6 +29,7 @@ class StepGraph:
     def __init__(self, run: Callable[[torch.Tensor], None], device: torch.device, stream: torch.cuda.Stream,
                  pool=None) -> None:
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
+        self.last_lr = None
         self.graph = torch.cuda.CUDAGraph()
         # Captured on a side stream ordered after the current one, without `torch.cuda.graph`'s device
         # synchronisation, gc.collect() and empty_cache(): they cost tens of milliseconds in a large process,
@@ -45,8 +46,10 @@ class StepGraph:
 
     def replay(self, lr: float) -> None:
         # Stream-ordered after the previous replay: a host-side (pinned) scalar could be overwritten
-        # before a queued replay read it.
-        self.lr.fill_(lr)
+        # before a queued replay read it. Skipped when lr has not changed (a launch saved per step).
+        if lr != self.last_lr:
+            self.lr.fill_(lr)
+            self.last_lr = lr
         self.graph.replay()
 
 

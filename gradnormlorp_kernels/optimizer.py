@@ -25,6 +25,8 @@ MIN_QUANTIZED_NUMEL = 4096
 # Randomized refresh: extra sketch columns and power iterations (accuracy of the captured subspace).
 OVERSAMPLE = 8
 POWER_ITERS = 2
+# What a sketched refresh keeps in the state until the next step finishes it.
+PENDING = ("basis", "gram", "healthy")
 
 
 def _number(name: str, value, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
@@ -79,8 +81,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     max(out, in) x r), "left" (state r x in),
     "right" (out x r), "two_sided" (r x r). refresh: "randomized" (range finder, GEMMs only) or
     "svd" (exact). Refreshes every `update_proj_gap` steps, staggered across matrices; a randomized
-    refresh (after a matrix's first) is computed from that step's gradient after the step's update (on a
-    GPU, overlapping it) and takes effect from the next step, so no step waits for one. Moments are
+    refresh (after a matrix's first) is sketched from that step's gradient after the step's update and
+    finished after the next step's (on a GPU, both overlapping the update), taking effect from the step
+    after that, so no step waits for one. Moments are
     8-bit block-wise (`state_bits=8`, tensors under 4096 elements stay float32) or float32.
     A matrix whose gradient has a non-finite element skips its step (states and weight untouched);
     `skipped_steps()` counts them.
@@ -235,15 +238,11 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             float(group["eps"]),
         )
 
-    def _refresh(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, left: bool, right: bool,
-                 before_write: torch.cuda.Event | None = None) -> bool:
-        """New projectors from this gradient; False (projectors kept) when it is not finite. A randomized
-        refresh of a matrix that has projectors decides that on the device, without a host synchronisation:
-        a result that is not finite (a non-finite gradient, a broken-down sketch) keeps the old projector.
-        `before_write`: an event the current stream waits for before overwriting the projectors."""
+    def _refresh(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, left: bool, right: bool) -> bool:
+        """New projectors from this gradient, before the update: a matrix's first (randomized or exact) and
+        exact ("svd") refreshes. False (projectors kept) when the gradient is not finite."""
         rank = group["rank"]
-        on_device = group["refresh"] != "svd" and ("left" in state or "right" in state)
-        if not on_device and not bool(torch.isfinite(grad).all()):  # host sync: an SVD, or a first projector
+        if not bool(torch.isfinite(grad).all()):  # host sync: an SVD, or a first projector
             return False
         for side, wanted in (("left", left), ("right", right)):
             if not wanted:
@@ -251,37 +250,71 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             if group["refresh"] == "svd":
                 projector = ops.svd_projector(grad, rank, side)
             else:
-                seed = (self.seed * 1_000_003 + state["index"] * 10_007 + state["refreshes"] * 2 + (side == "right"))
-                projector = self._randomized_projector(grad, rank, side, seed % (2**63))
-                if not on_device and not bool(torch.isfinite(projector).all()):  # a first projector only
+                basis, gram, healthy = self._sketch(grad, rank, side, self._refresh_seed(state, side))
+                projector = refresh_ops.rayleigh_ritz(basis, gram, healthy, rank)
+                if not bool(torch.isfinite(projector).all()):  # a first projector only
                     projector = ops.svd_projector(grad, rank, side)
             # Kept in the gradient's dtype (bf16 for bf16 weights, as GaLore does): half the bytes of
             # float32, and the projection GEMMs run on bf16 tensor cores. Written in place when it can be,
             # so that a captured step graph keeps reading it.
             projector = projector.to(grad.dtype)
-            if before_write is not None:
-                torch.cuda.current_stream(grad.device).wait_event(before_write)
             kept = state.get(side)
             if kept is not None and kept.shape == projector.shape and kept.dtype == projector.dtype:
-                kept.copy_(torch.where(torch.isfinite(projector).all(), projector, kept) if on_device else projector)
+                kept.copy_(projector)
             else:
                 state[side] = projector
         state["refreshes"] += 1
         return True
 
-    def _randomized_projector(self, grad: torch.Tensor, rank: int, side: str, seed: int) -> torch.Tensor:
-        """`ops.randomized_projector`, its sketch replayed from a CUDA graph per gradient shape on a GPU
-        (same kernels, same bits; a refresh costs a few launches instead of a hundred)."""
+    def _refresh_seed(self, state: dict, side: str) -> int:
+        seed = self.seed * 1_000_003 + state["index"] * 10_007 + state["refreshes"] * 2 + (side == "right")
+        return seed % (2**63)
+
+    @staticmethod
+    def _pending(state: dict) -> bool:
+        return "pending_left_basis" in state or "pending_right_basis" in state
+
+    def _sketch_pending(self, grad: torch.Tensor, group: dict, state: dict, left: bool, right: bool) -> None:
+        """Phase one of a later randomized refresh, after this step's update: each side's sketch of this
+        gradient, kept in the state (`pending_<side>_basis`, `_gram`, `_healthy`; saved with it) for the
+        next step to finish. Launches only: no host synchronisation."""
+        for side, wanted in (("left", left), ("right", right)):
+            if wanted:
+                sketched = self._sketch(grad, group["rank"], side, self._refresh_seed(state, side))
+                for name, tensor in zip(PENDING, sketched):
+                    state[f"pending_{side}_{name}"] = tensor.clone()  # the sketch graph's outputs are reused
+        state["refreshes"] += 1
+
+    def _finish_pending(self, group: dict, state: dict, before_write: torch.cuda.Event | None = None) -> None:
+        """Phase two, after the next step's update: the projector from the pending sketch (the k x k
+        eigendecomposition: on a GPU the refresh's one host synchronisation), written in place; a result that
+        is not finite (a non-finite gradient, a broken-down sketch) keeps the old projector, decided on the
+        device. `before_write`: an event the current stream waits for before overwriting the projector."""
+        for side in ("left", "right"):
+            if f"pending_{side}_basis" not in state:
+                continue
+            basis, gram, healthy = (state.pop(f"pending_{side}_{name}") for name in PENDING)
+            kept = state[side]
+            projector = refresh_ops.rayleigh_ritz(basis, gram, healthy, group["rank"]).to(kept.dtype)
+            if before_write is not None:
+                torch.cuda.current_stream(kept.device).wait_event(before_write)
+            kept.copy_(torch.where(torch.isfinite(projector).all(), projector, kept))
+
+    def _sketch(self, grad: torch.Tensor, rank: int, side: str, seed: int) -> tuple:
+        """`ops.refresh.sketch` of `grad` with the random inputs of `seed`: (basis, gram, healthy). On a GPU
+        replayed from a CUDA graph per gradient shape (same kernels, same bits; a few launches instead of a
+        hundred); its outputs are then valid until the next sketch of that shape."""
+        g = refresh_ops.oriented(grad, side)
+        k = refresh_ops.sketch_size(g.shape, rank, OVERSAMPLE)
         if not (self.cuda_graph and grad.is_cuda) or torch.compiler.is_compiling() or \
                 torch.cuda.is_current_stream_capturing():
-            return ops.randomized_projector(grad, rank, side, OVERSAMPLE, POWER_ITERS, seed)
-        k = refresh_ops.sketch_size(refresh_ops.oriented(grad, side).shape, rank, OVERSAMPLE)
+            return refresh_ops.sketch(g, *refresh_ops.sketch_inputs(g, k, seed), POWER_ITERS)
         key = (tuple(grad.shape), grad.dtype, side, k, grad.device)
         graph = self._sketch_graphs.get(key)
         if graph is None:
             stream = self._side_stream("capture", grad.device)
             graph = self._sketch_graphs[key] = SketchGraph(grad, side, k, POWER_ITERS, stream)
-        return refresh_ops.rayleigh_ritz(*graph.run(grad, seed), rank)
+        return graph.run(grad, seed)
 
     def _advance_projected(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> tuple[bool, bool]:
         """The host-side part of a projected step: counters, and the refreshes that come before the update.
@@ -289,9 +322,10 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         projector yet and this gradient could not give one) and whether a randomized refresh from this
         gradient is due after the update.
 
-        A matrix's first projector and exact ("svd") refreshes come before the update, as in GaLore. Later
-        randomized refreshes take effect from the next step: computed from this step's gradient after
-        (on a GPU: beside) this step's update, so that no step waits for one."""
+        A matrix's first projector and exact ("svd") refreshes come before the update, as in GaLore. A later
+        randomized refresh is sketched from this step's gradient after this step's update and finished
+        (its eigendecomposition) after the next step's, taking effect from the step after that: on a GPU
+        both phases run beside a step's update, so that no step waits for a refresh."""
         calls = state["calls"]
         state["calls"] += 1
         left, right = self._sides(group, p.shape)
@@ -312,21 +346,23 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             self._side_streams[key] = torch.cuda.Stream(device)
         return self._side_streams[key]
 
-    def _refresh_beside(self, params: list, group: dict, grads_ready: torch.cuda.Event) -> None:
-        """The due randomized refreshes of a replayed group, on a side stream: they overlap the replay
-        (which reads the old projectors) and write the new ones once it is done; the current stream then
-        waits for them, without the host waiting."""
-        device = params[0].device
+    def _refresh_beside(self, finishing: list, sketching: list, group: dict, grads_ready: torch.cuda.Event) -> None:
+        """A replayed group's refresh phases on a side stream, overlapping the replay: the pending refreshes
+        of `finishing` (written once the replay, which reads the old projectors, is done), then the sketches
+        of `sketching` from their gradients. The current stream then waits for them, the host does not
+        (beyond the eigendecompositions' own checks)."""
+        device = (finishing or sketching)[0].device
         main = torch.cuda.current_stream(device)
         replayed = torch.cuda.Event()
         replayed.record(main)
         side = self._side_stream("refresh", device)
         side.wait_event(grads_ready)
         with torch.cuda.stream(side):
-            for p in params:
-                p.grad.record_stream(side)  # the caller may free the gradient while the refresh reads it
-                left, right = self._sides(group, p.shape)
-                self._refresh(p, p.grad, group, self.state[p], left, right, before_write=replayed)
+            for p in finishing:
+                self._finish_pending(group, self.state[p], before_write=replayed)
+            for p in sketching:
+                p.grad.record_stream(side)  # the caller may free the gradient while the sketch reads it
+                self._sketch_pending(p.grad, group, self.state[p], *self._sides(group, p.shape))
         main.wait_stream(side)
 
     def _update_projected(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, lr) -> None:
@@ -443,8 +479,10 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         update, refresh_after = self._advance_projected(p, grad, group, state)
         if update:
             self._update_projected(p, grad, group, state, group["lr"])
+        if self._pending(state):
+            self._finish_pending(group, state)
         if refresh_after:
-            self._refresh(p, grad, group, state, *self._sides(group, p.shape))
+            self._sketch_pending(grad, group, state, *self._sides(group, p.shape))
 
     def _projected_index(self, p: torch.Tensor) -> tuple[int, int]:
         projected = [q for g in self.param_groups if g["project"] for q in g["params"]]
@@ -458,67 +496,76 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
-            if self._graph_ready(index, params):
-                self._step_group_graphed(index, group, params)
+            states = self._graph_states(index, params)
+            if states is not None:
+                self._step_group_graphed(index, group, params, states)
             else:
                 for p in params:
                     self.step_parameter(p, p.grad, group)
         return loss
 
-    def _graph_ready(self, index: int, params: list) -> bool:
-        """Whether this group's step can replay a graph: on the GPU, past the first step (states exist),
-        outside another capture or compilation, and not given up on."""
+    def _graph_states(self, index: int, params: list) -> list[dict] | None:
+        """The group's states when its step can replay a graph: on the GPU, past the first step (states
+        exist), outside another capture or compilation, and not given up on; else None."""
         if not (self.cuda_graph and params) or (index in self._graphs and self._graphs[index].given_up):
-            return False
-        for p in params:
-            if not p.is_cuda or "exp_avg" not in self.state[p] or p.grad.is_sparse:
-                return False
-        return not (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
+            return None
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not p.is_cuda or "exp_avg" not in state or p.grad.is_sparse:
+                return None
+        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+            return None
+        return states
 
-    def _graph_key(self, group: dict, params: list, flat: list | None = None) -> tuple:
+    def _graph_key(self, group: dict, params: list, states: list, flat: list | None = None) -> tuple:
         """Everything a captured step depends on besides lr: tensor addresses and layouts, the settings.
         Moments held by flat layouts are named by their serials (they do not move while held)."""
         key: list = [_dispatch.current_preference(), group["project"], tuple(group["betas"]), group["eps"],
                      group["weight_decay"], group["scale"], group["proj_type"], group["state_bits"],
                      None if flat is None else tuple(layout.serial for _, layout in flat)]
-        for p in params:
+        for p, state in zip(params, states):
             grad = p.grad
             key.append((p.data_ptr(), grad.data_ptr(), grad.dtype, grad.stride()))
             if flat is None:
-                key.extend((k, t.data_ptr(), t.dtype) for k, t in self.state[p].items() if isinstance(t, torch.Tensor))
+                key.extend((k, t.data_ptr(), t.dtype) for k, t in state.items()
+                           if isinstance(t, torch.Tensor) and not k.startswith("pending_"))
             else:
-                key.extend((k, self.state[p][k].data_ptr()) for k in ("left", "right") if k in self.state[p])
+                key.extend((k, state[k].data_ptr()) for k in ("left", "right") if k in state)
         return tuple(key)
 
-    def _flat_moments(self, index: int, params: list) -> list[tuple[list, FlatMoments]] | None:
+    def _flat_moments(self, index: int, params: list, states: list) -> list[tuple[list, FlatMoments]] | None:
         """The group's matrices by moment kind (8-bit, float32), each kind's moments flat (built, states
         copied in, when the states are not its views); None when they cannot share Adam launches."""
         if len({p.grad.dtype for p in params}) != 1 or len({p.dtype for p in params}) != 1:
             return None
-        kinds: dict[bool, list] = {}
-        for p in params:
-            kinds.setdefault("absmax_exp_avg" in self.state[p], []).append(p)
+        kinds: dict[bool, tuple[list, list]] = {}
+        for p, state in zip(params, states):
+            members, member_states = kinds.setdefault("absmax_exp_avg" in state, ([], []))
+            members.append(p)
+            member_states.append(state)
         layouts = self._flat.get(index, [])
         if len(layouts) == len(kinds) and all(
-                flat.holds([self.state[p] for p in kinds.get(flat.quantized, [])]) for _, flat in layouts):
+                flat.holds(kinds.get(flat.quantized, ([], []))[1]) for _, flat in layouts):
             return layouts
-        layouts = []
-        for members in kinds.values():
-            states = [self.state[p] for p in members]
-            layouts.append((members, FlatMoments(states, [s["exp_avg"].numel() for s in states], members[0].device)))
+        layouts = [
+            (members, FlatMoments(member_states, [s["exp_avg"].numel() for s in member_states], members[0].device))
+            for members, member_states in kinds.values()
+        ]
         self._flat[index] = layouts
         return layouts
 
-    def _step_group_graphed(self, index: int, group: dict, params: list) -> None:
+    def _step_group_graphed(self, index: int, group: dict, params: list, states: list) -> None:
         for p in params:
             self._check_grad(p, p.grad)
-        refresh_after = []
+        refresh_after, finishing = [], []
         flat = None
         if group["project"]:
-            for p in params:  # every matrix has its projector here, so none is skipped on the host
-                if self._advance_projected(p, p.grad, group, self.state[p])[1]:
+            for p, state in zip(params, states):  # every matrix has its projector here: none is skipped
+                if self._pending(state):
+                    finishing.append(p)
+                if self._advance_projected(p, p.grad, group, state)[1]:
                     refresh_after.append(p)
-            flat = self._flat_moments(index, params)
+            flat = self._flat_moments(index, params, states)
 
             def update_all(lr):
                 if flat is not None:
@@ -535,15 +582,15 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         grads_ready.record(torch.cuda.current_stream(params[0].device))
         graphs = self._graphs.setdefault(index, GroupGraphs())
         try:
-            graphs.run(self._graph_key(group, params, flat), update_all, params[0].device, group["lr"])
+            graphs.run(self._graph_key(group, params, states, flat), update_all, params[0].device, group["lr"])
         except RuntimeError as exc:  # capture is an optimisation (and runs nothing): launch one by one instead
             logger.warning("GradNormLoRPAdamW: CUDA graph capture failed (%s); stepping without graphs", exc)
             graphs.give_up()
             update = self._update_projected if group["project"] else self._update_plain
             for p in params:
                 update(p, p.grad, group, self.state[p], group["lr"])
-        if refresh_after:
-            self._refresh_beside(refresh_after, group, grads_ready)
+        if finishing or refresh_after:
+            self._refresh_beside(finishing, refresh_after, group, grads_ready)
 
     def skipped_steps(self) -> int:
         """How many parameter steps were skipped for non-finite gradients (synchronises with the GPU)."""

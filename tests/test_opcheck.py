@@ -19,8 +19,20 @@ def positive(*shape):
     return torch.rand(*shape, device=DEVICE) + 0.5
 
 
-def counters():
-    return torch.zeros((), device=DEVICE), torch.zeros((), device=DEVICE)
+def counters(*shape):
+    return torch.zeros(shape, device=DEVICE), torch.zeros(shape, device=DEVICE)
+
+
+def segments(numels):
+    starts, counts, _ = ops.segment_layout(numels, DEVICE)
+    return starts, counts
+
+
+def adam_8bit_flat_args(numel):
+    codes = torch.randint(0, 256, (numel,), dtype=torch.uint8, device=DEVICE)
+    blocks = -(-numel // ops.BLOCK_SIZE)
+    return [codes, codes.clone(), positive(blocks), positive(blocks), ops.dynamic_map(True, DEVICE),
+            ops.dynamic_map(False, DEVICE)]
 
 
 def adam_8bit_args():
@@ -88,6 +100,14 @@ def sample_args() -> dict[str, list[list]]:
             [rand(OUT, IN), rand(OUT, IN), None, None, 0.1, 0.01, gate],
             [rand(OUT, IN).bfloat16(), rand(RANK, IN), left, None, 0.1, 0.01, gate],
             [rand(OUT, IN).bfloat16(), rand(RANK, IN), left, None, 0.1, 0.0, gate, False],
+            [rand(OUT, IN).bfloat16(), rand(RANK, IN).bfloat16(), left, None, 0.1, 0.0, gate, False, True],
+        ],
+        # Segments that cover the whole buffer: outside them the output is undefined.
+        "segmented_adam_update": [
+            [rand(768), rand(768), positive(768), None, None, None, None, *segments([256, 512]), *counters(2), 0.9,
+             0.999, 1e-8, gate, torch.float32],
+            [rand(768), *adam_8bit_flat_args(768), *segments([256, 512]), *counters(2), 0.9, 0.999, 1e-8, gate,
+             torch.bfloat16],
         ],
     }
 

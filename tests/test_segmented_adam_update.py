@@ -339,17 +339,11 @@ def hand_adam(m, v, g, t, beta1=BETAS[0], beta2=BETAS[1], eps=EPS):
     return m, v, direction
 
 
-FLOAT64_STATES_BUG = (
-    "adam_update.reference casts the gradient to float32 and then lerps float64 states toward it: "
-    "RuntimeError 'expected dtype double for `end` but got dtype float'"
-)
-
 
 @pytest.mark.parametrize("backend", backend_params("segmented_adam_update"))
 @pytest.mark.parametrize(
     "state_dtype",
-    [torch.float32,
-     pytest.param(torch.float64, marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=FLOAT64_STATES_BUG))],
+    [torch.float32, torch.float64],
     ids=["fp32_states", "fp64_states"],
 )
 def test_float64_matches_hand_written_adam(backend, state_dtype):
@@ -357,7 +351,7 @@ def test_float64_matches_hand_written_adam(backend, state_dtype):
     m = torch.zeros(total, dtype=torch.float64, device=DEVICE)
     v = torch.zeros_like(m)
     m_size = torch.zeros_like(m)  # the first moment of |g|: the size of the terms m sums, which may cancel
-    state = {"exp_avg": m.to(state_dtype), "exp_avg_sq": v.to(state_dtype), "absmax_avg": None,
+    state = {"exp_avg": m.to(state_dtype, copy=True), "exp_avg_sq": v.to(state_dtype, copy=True), "absmax_avg": None,
              "absmax_avg_sq": None}
     segments = starts.numel()
     state["step"] = torch.zeros(segments, device=DEVICE)
@@ -516,18 +510,12 @@ def test_opcheck(backend, quantized):
         torch.library.opcheck(ops.segmented_adam_update.custom_op, opcheck_args(quantized))
 
 
-# ---- edge cases where the Triton backend is known to differ ----
-
-EMPTY_BUFFER_BUG = (
-    "triton: with a flat buffer of 0 elements the finiteness check is never launched, so empty segments do "
-    "not advance `step` (adam_update of an empty tensor does)"
-)
+# ---- edge cases: an empty buffer, strided small tensors ----
 
 
 @pytest.mark.parametrize(
     "backend",
-    [pytest.param(p.values[0], id=p.id, marks=[pytest.mark.xfail(strict=True, reason=EMPTY_BUFFER_BUG)]
-                  if p.values[0] == "triton" else []) for p in backend_params("segmented_adam_update")],
+    backend_params("segmented_adam_update"),
 )
 def test_empty_segments_of_an_empty_buffer_count_a_step(backend):
     starts, numels, total = ops.segment_layout([0, 0], DEVICE)
@@ -542,16 +530,10 @@ def test_empty_segments_of_an_empty_buffer_count_a_step(backend):
     assert torch.equal(state["step"], expected["step"]) and torch.equal(state["skipped"], expected["skipped"])
 
 
-STRIDED_BUG = (
-    "triton: step/skipped/absmax/starts are indexed as if contiguous, but only their shape is checked, so a "
-    "strided view is read and written in the wrong places"
-)
-
 
 @pytest.mark.parametrize(
     "backend",
-    [pytest.param(p.values[0], id=p.id, marks=[pytest.mark.xfail(strict=True, reason=STRIDED_BUG)]
-                  if p.values[0] == "triton" else []) for p in backend_params("segmented_adam_update")],
+    backend_params("segmented_adam_update"),
 )
 @pytest.mark.parametrize("name", ["step", "skipped", "absmax_avg", "starts"])
 def test_strided_small_tensors_are_handled_or_rejected(backend, name):

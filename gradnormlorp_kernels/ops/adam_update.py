@@ -30,12 +30,13 @@ def adam_update(
     beta2: float,
     eps: float,
 ) -> torch.Tensor:
-    """Update the moments of `grad` and return `m_hat / (sqrt(v_hat) + eps)` in float32.
+    """Update the moments of `grad` and return `m_hat / (sqrt(v_hat) + eps)` in float32 (float64 with
+    float64 states).
 
-    States are uint8 codes plus float32 absmax per block when `absmax_avg` is given, else float32.
+    States are uint8 codes plus float32 absmax per block when `absmax_avg` is given, else float32 or float64.
     `step` and `skipped` are float32 0-d tensors.
     """
-    g = grad.to(torch.float32)
+    g = grad.to(_compute_dtype(exp_avg))
     finite = torch.isfinite(g).all()
     g = torch.where(finite, g, torch.zeros_like(g))
     quantized = absmax_avg is not None
@@ -67,9 +68,13 @@ def adam_update(
     return direction
 
 
+def _compute_dtype(exp_avg: torch.Tensor) -> torch.dtype:
+    return torch.float64 if exp_avg.dtype == torch.float64 else torch.float32
+
+
 @adam_update.custom_op.register_fake
 def _(grad, exp_avg, exp_avg_sq, absmax_avg, absmax_avg_sq, code_signed, code_unsigned, step, skipped, b1, b2, eps):
-    return torch.empty_like(grad, dtype=torch.float32)
+    return torch.empty_like(grad, dtype=_compute_dtype(exp_avg))
 
 
 register_backend("adam_update", "triton", "gradnormlorp_kernels.triton.adam_update", "adam_update")

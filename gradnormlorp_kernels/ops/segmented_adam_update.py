@@ -112,6 +112,11 @@ def _check_args(grad, exp_avg, exp_avg_sq, absmax_avg, absmax_avg_sq, starts, nu
         if counter.shape != segments or counter.dtype != torch.float32:
             raise ValueError(f"{name} must be float32 of shape {tuple(segments)} (one per segment), got "
                              f"{counter.dtype} {tuple(counter.shape)}")
+    # The kernels index these as dense arrays.
+    for name, tensor in (("step", step), ("skipped", skipped), ("starts", starts), ("numels", numels),
+                         ("absmax_avg", absmax_avg), ("absmax_avg_sq", absmax_avg_sq)):
+        if tensor is not None and not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
     if scale.dim() != 0 or scale.dtype != torch.float32:
         raise ValueError(f"scale must be a 0-d float32 tensor, got {scale.dtype} of shape {tuple(scale.shape)}")
     devices = {t.device for t in (grad, exp_avg, exp_avg_sq, starts, numels, step, skipped, scale)}

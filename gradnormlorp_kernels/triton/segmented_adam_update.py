@@ -138,7 +138,8 @@ def segmented_adam_update(grad, exp_avg, exp_avg_sq, absmax_avg, absmax_avg_sq, 
     out = torch.empty(grad.shape, dtype=out_dtype, device=grad.device)
     segments = starts.numel()
     flat_blocks = num_blocks(grad.numel())
-    if segments == 0 or flat_blocks == 0:
+    if flat_blocks == 0:
+        step.add_(1.0)  # every segment is empty, so finite: a step, as adam_update counts one
         return out
     if grad.numel() >= 2**31:
         raise ValueError(f"grad must have fewer than 2**31 elements (int32 offsets), got {grad.numel()}")
