@@ -85,7 +85,7 @@ def _norm_optional(kernel):
 
                 return _dispatch._REFERENCE["project_back_update"](
                     weight, direction, left, right, step_size, decay, gate, with_norm, direction_gated)
-            direction, gate = direction.to(torch.float32), torch.ones_like(gate)
+            gate = torch.ones_like(gate)
         norms = kernel(weight, direction, left, right, step_size, decay, gate)
         return norms if with_norm else norms[:0]
 

@@ -195,6 +195,10 @@ def one_sided_bound(backend, original, exact, magnitude, rank):
     bound = u * exact.abs() + (1 + u) * accumulation
     if not rounds_factors(backend):
         bound = bound + (1 + u) * (2 * u + u * u) * (1 + u) ** 2 * magnitude
+    if backend == "triton" and original.is_cuda and (original.stride(0) * original.element_size()) % 16 == 0:
+        # cuBLAS's addmm (aligned rows): torch lets it round partial sums to the 16-bit dtype by default
+        # (allow_bf16/fp16_reduced_precision_reduction), one more rounding of the product, and of a partial sum.
+        bound = bound + 2 * u * magnitude
     return bound
 
 
@@ -246,13 +250,9 @@ def test_one_sided_narrow_matches_rounded_factors(backend, side, out, inp, r, dt
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("gate,decay", [(GATE, 0.1), (0.0, 0.1), (GATE, 0.0)], ids=["decay", "gate0-decay", "nodecay"])
-def test_gated_direction_scales_only_the_decay(request, backend, dtype, side, gate, decay):
+def test_gated_direction_scales_only_the_decay(backend, dtype, side, gate, decay):
     """W (1 - gate decay) - step (P N Q^T): the gate does not multiply the update (with gate 0 the weight still
     moves by the whole update, only its decay is gone)."""
-    if backend in ("cpu", "cuda") and dtype == torch.float64 and decay == 0.0:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "_extension._norm_optional casts a gated direction to float32 before the compiled kernel, "
-            "so a float64 weight loses float64 accuracy")))
     weight, direction, left, right = make_case(37, 129, 8, side, dtype, dtype)
     original = weight.clone()
     address = weight.data_ptr()
