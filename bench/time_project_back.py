@@ -31,7 +31,7 @@ def main() -> None:
         gate = torch.full((), 1e-3, device=device)
         gated = (direction * gate).bfloat16()
         runs = {
-            "op (cuBLAS)": lambda: ops.project_back_update(weight, direction, left, right, 1e-3, 0.0, gate, False),
+            "op": lambda: ops.project_back_update(weight, direction, left, right, 1e-3, 0.0, gate, False),
             "op, gated direction": lambda: ops.project_back_update(weight, gated, left, right, 1e-3, 0.0, gate, False,
                                                                    True),
             # A decay forces the Triton kernel (the update formed tile by tile, the gate read in the kernel).
