@@ -91,7 +91,7 @@ def test_train_on_default_stdlib_corpus(tmp_path):
 
 
 def test_train_on_cpu_runs_one_thread_unless_told(tmp_path):
-    args = ["train", "--methods", "adamw", "--max-corpus-bytes", "50000", *TINY]
+    args = ["train", "--methods", "adamw", "--max-corpus-bytes", "50000", "--device", "cpu", *TINY]
     torch.set_num_threads(2)
     assert cli.main([*args, "--out", str(tmp_path / "a")]) == 0
     assert torch.get_num_threads() == 1
