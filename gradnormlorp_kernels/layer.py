@@ -102,7 +102,9 @@ class GradNormLoRPLinear(nn.Module):
             self.direction = nn.Parameter(weight)
         # M from the very op the forward divides by, so that M / n == 1 exactly at init (W == W0, same outputs).
         if adapter:
-            norm, _ = ops.adapter_row_norm(weight.detach(), self.lora_A.detach(), self.lora_B.detach(), self.scaling)
+            ones = torch.ones(self.out_features, device=weight.device, dtype=weight.dtype)
+            _, norm, _ = ops.adapter_weight(weight.detach(), self.lora_A.detach(), self.lora_B.detach(), ones,
+                                            self.scaling)
         else:
             norm = ops.row_norm(weight.detach())
         self.magnitude = nn.Parameter(norm.to(weight.dtype))
@@ -175,17 +177,11 @@ class GradNormLoRPLinear(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         """The dense `W = diag(M / ||W'||_row) W'`, in the layer's dtype."""
         if self.mode == "adapter":
-            acc = accumulation_dtype(self.base_weight.dtype)
-            dense = self.base_weight.to(acc) + self.scaling * (self.lora_B.to(acc) @ self.lora_A.to(acc))
-            weight_dtype = self.base_weight.dtype
-            # The norm exactly as the forward computes it (W == W0 at init, bit for bit in fp32/fp64).
-            norm, _ = ops.adapter_row_norm(self.base_weight, self.lora_A, self.lora_B, self.scaling)
-        else:
-            dense = self.direction.to(accumulation_dtype(self.direction.dtype))
-            weight_dtype = self.direction.dtype
-            norm = ops.row_norm(self.direction)
-        scale = self.magnitude.to(dense.dtype) / norm.to(dense.dtype)
-        return (dense * scale[:, None]).to(weight_dtype)
+            # The very weight the forward multiplies by (so a merged layer gives the same outputs).
+            return ops.adapter_weight(self.base_weight, self.lora_A, self.lora_B, self.magnitude, self.scaling)[0]
+        dense = self.direction.to(accumulation_dtype(self.direction.dtype))
+        scale = self.magnitude.to(dense.dtype) / ops.row_norm(self.direction).to(dense.dtype)
+        return (dense * scale[:, None]).to(self.direction.dtype)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:

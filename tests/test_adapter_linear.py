@@ -1,4 +1,4 @@
-"""adapter_forward / adapter_backward against autograd through the dense adapter formula (DESIGN.md 2)."""
+"""adapter_weight / adapter_backward against autograd through the dense adapter formula (DESIGN.md 2)."""
 
 import functools
 
@@ -14,6 +14,7 @@ from conftest import (
     backend_params,
     dense_adapter_weight,
     other_backend_params,
+    poisoned_empty,
     run_op,
 )
 
@@ -54,32 +55,79 @@ def truth(case, detach_norm, dtype=torch.float64):
     return autograd_dense(weight_fn, cast["x"], params, cast["bias"], cast["grad_out"])
 
 
+def merged_A(case, dtype=torch.float64):
+    """W' A^T with W' = W0 + s B A, in float64, cast to `dtype`."""
+    wide = {k: case[k].to(torch.float64) for k in ("base_weight", "lora_A", "lora_B")}
+    merged = wide["base_weight"] + case["scaling"] * (wide["lora_B"] @ wide["lora_A"])
+    return (merged @ wide["lora_A"].T).to(dtype)
+
+
 def backward_args(case, out, norm, detach_norm, saved_dtype=None):
-    """Arguments of adapter_backward with the saved tensors of the forward (norm, W0 A^T in `saved_dtype`)."""
+    """Arguments of adapter_backward with the saved tensors of the forward (norm, W' A^T in `saved_dtype`)."""
     saved_dtype = saved_dtype or case["x"].dtype
-    x, base, lora_A = case["x"], case["base_weight"], case["lora_A"]
+    x, lora_A = case["x"], case["lora_A"]
     x_A = (x.to(torch.float64) @ lora_A.to(torch.float64).T).to(x.dtype)
-    base_A = (base.to(torch.float64) @ lora_A.to(torch.float64).T).to(saved_dtype)
     return [
-        case["grad_out"], x, out.to(x.dtype), x_A, base, base_A, lora_A, case["lora_B"], case["magnitude"],
-        norm.to(saved_dtype), case["bias"], case["scaling"], detach_norm,
+        case["grad_out"], x, out.to(x.dtype), x_A, case["base_weight"], merged_A(case, saved_dtype), lora_A,
+        case["lora_B"], case["magnitude"], norm.to(saved_dtype), case["bias"], case["scaling"], detach_norm,
     ]
 
 
-@pytest.mark.parametrize("backend", backend_params("adapter_forward"))
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("T,inp,out,r", SHAPES)
-def test_adapter_forward_float64(backend, T, inp, out, r, with_bias):
-    case = make_case(T, inp, out, r, torch.float64, with_bias)
-    y, norm, _ = truth(case, detach_norm=False)
-    row_scale = case["magnitude"] / norm
-    ours, x_A = run_op(
-        ops.adapter_forward, backend, case["x"], case["base_weight"], case["lora_A"], case["lora_B"], row_scale,
-        case["scaling"], case["bias"],
-    )
-    assert ours.dtype == x_A.dtype == torch.float64
-    assert_close_scaled(ours, y, 1e-10, "y")
-    assert_close_scaled(x_A, case["x"] @ case["lora_A"].T, 1e-12, "x A^T")
+def weight_args(case):
+    return [case["base_weight"], case["lora_A"], case["lora_B"], case["magnitude"], case["scaling"]]
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter_weight"))
+@pytest.mark.parametrize("inp,out,r", [(1, 1, 1), (3, 17, 2), (17, 3, 3), (129, 17, 5), (17, 129, 4),
+                                       (129, 129, 7), (9, 70, 70), (0, 5, 2)])
+def test_adapter_weight_float64(backend, inp, out, r):
+    case = make_case(1, inp, out, r, torch.float64, False)
+    weight, norm = dense_adapter_weight(*weight_args(case))
+    with poisoned_empty():
+        ours, ours_norm, weight_A = run_op(ops.adapter_weight, backend, *weight_args(case))
+    assert ours.dtype == ours_norm.dtype == weight_A.dtype == torch.float64
+    assert_close_scaled(ours, weight, 1e-12, "W")
+    assert_close_scaled(ours_norm, norm.clamp_min(1e-12), 1e-12, "n")
+    assert_close_scaled(weight_A, merged_A(case), 1e-12, "W' A^T")
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter_weight"))
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("inp,out,r", [(129, 65, 8), (65, 129, 3), (130, 33, 70), (257, 40, 16),
+                                       pytest.param(4096, 4096, 16, marks=pytest.mark.gpu),
+                                       pytest.param(2048, 5461, 64, marks=pytest.mark.gpu)])
+def test_adapter_weight_low_precision(backend, dtype, inp, out, r):
+    case = make_case(1, inp, out, r, dtype, False)
+    wide = [a.to(torch.float64) if isinstance(a, torch.Tensor) else a for a in weight_args(case)]
+    weight, norm = dense_adapter_weight(*wide)
+    weight_low, norm_low = dense_adapter_weight(*weight_args(case))
+    with poisoned_empty():
+        ours, ours_norm, weight_A = run_op(ops.adapter_weight, backend, *weight_args(case))
+    assert ours.dtype == dtype and ours_norm.dtype == weight_A.dtype == torch.float32
+    assert_within_baseline(ours, weight_low, weight, dtype, name="W")
+    assert_within_baseline(ours_norm, norm_low, norm, dtype, name="n")
+    # The baseline for W' A^T: the same product formed in `dtype`.
+    merged_low = case["base_weight"] + case["scaling"] * (case["lora_B"] @ case["lora_A"])
+    assert_within_baseline(weight_A, merged_low @ case["lora_A"].T, merged_A(case), dtype, name="W' A^T")
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter_weight"))
+def test_adapter_weight_at_init_is_the_base_weight(backend):
+    # B = 0 and M = n (the layer's init): W == W0 bit for bit in float32.
+    case = make_case(1, 65, 33, 4, torch.float32, False)
+    case["lora_B"].zero_()
+    _, norm, _ = run_op(ops.adapter_weight, backend, *weight_args(case))
+    case["magnitude"] = norm
+    weight, _, _ = run_op(ops.adapter_weight, backend, *weight_args(case))
+    assert torch.equal(weight, case["base_weight"])
+
+
+@pytest.mark.parametrize("backend", other_backend_params("adapter_weight"))
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_adapter_weight_matches_reference(backend, dtype):
+    case = make_case(1, 129, 65, 8, dtype, False)
+    assert_matches_reference(ops.adapter_weight, backend, weight_args(case),
+                             rtol=1e-5 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("backend", backend_params("adapter_backward"))
@@ -104,25 +152,6 @@ def test_detach_norm_changes_the_gradient():
     assert torch.allclose(exact["magnitude"], detached["magnitude"])
 
 
-@pytest.mark.parametrize("backend", backend_params("adapter_forward"))
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("T,inp,out,r", LOW_SHAPES)
-def test_adapter_forward_low_precision(backend, dtype, T, inp, out, r):
-    case = make_case(T, inp, out, r, dtype, True)
-    y, norm, _ = truth(case, detach_norm=False)
-    y_low, norm_low, _ = truth(case, detach_norm=False, dtype=dtype)
-    # The layer hands the forward M / n in float32 (from the row-norm op).
-    row_scale = (case["magnitude"].to(torch.float64) / norm).to(torch.float32)
-    ours, x_A = run_op(
-        ops.adapter_forward, backend, case["x"], case["base_weight"], case["lora_A"], case["lora_B"], row_scale,
-        case["scaling"], case["bias"],
-    )
-    assert ours.dtype == x_A.dtype == dtype
-    assert_within_baseline(ours, y_low, y, dtype, name="y")
-    x_A_truth = case["x"].to(torch.float64) @ case["lora_A"].to(torch.float64).T
-    assert_within_baseline(x_A, case["x"] @ case["lora_A"].T, x_A_truth, dtype, name="x A^T")
-
-
 @pytest.mark.parametrize("backend", backend_params("adapter_backward"))
 @pytest.mark.parametrize("detach_norm", [False, True], ids=["exact", "detach"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
@@ -137,15 +166,6 @@ def test_adapter_backward_low_precision(backend, dtype, T, inp, out, r, detach_n
     for name, value in zip(GRAD_NAMES, ours):
         assert value.dtype == dtype, name
         assert_within_baseline(value, baseline[name], grads[name], dtype, name=f"d{name}")
-
-
-@pytest.mark.parametrize("backend", other_backend_params("adapter_forward"))
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_adapter_forward_matches_reference(backend, dtype):
-    case = make_case(33, 129, 65, 8, dtype, True)
-    row_scale = torch.rand(65, device=DEVICE) + 0.5
-    args = [case["x"], case["base_weight"], case["lora_A"], case["lora_B"], row_scale, case["scaling"], case["bias"]]
-    assert_matches_reference(ops.adapter_forward, backend, args, rtol=1e-5 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("backend", other_backend_params("adapter_backward"))

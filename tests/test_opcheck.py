@@ -54,10 +54,7 @@ def sample_args() -> dict[str, list[list]]:
     return {
         "row_norm": [[base]],
         "adapter_row_norm": [[base, lora_A, lora_B, 2.0]],
-        "adapter_forward": [
-            [x, base, lora_A, lora_B, positive(OUT), 2.0, bias],
-            [x, base, lora_A, lora_B, positive(OUT), 2.0, None],
-        ],
+        "adapter_weight": [[base, lora_A, lora_B, magnitude, 2.0]],
         "adapter_backward": [
             [grad_out, x, out, rand(T, RANK), base, rand(OUT, RANK), lora_A, lora_B, magnitude, norm, bias, 2.0, False],
             [grad_out, x, out, rand(T, RANK), base, rand(OUT, RANK), lora_A, lora_B, magnitude, norm, None, 2.0, True],

@@ -59,9 +59,12 @@ def _compile_cases():
     grads = {"g_ptr": "*bf16", "y_ptr": "*bf16", "bias_ptr": "*bf16", "xa_ptr": "*bf16"}
     back = {"LOW_RANK": True, "BITWISE_BF16": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32}
     finish_bf16 = {name: "*bf16" for name in ("magnitude_ptr", "b_ptr", "grad_magnitude_ptr", "grad_b_ptr",
-                                               "b_scaled_ptr", "b_c2_low_ptr")}
-    finish = {"DETACH": False, "HAS_XA": True, "BLOCK_K": 16, **{f"BITWISE_BF16_{name}": False for name in
-                                                  ("GRAD_M", "GRAD_B", "B_SCALED", "B_C2")}}
+                                               "b_scaled_ptr", "b_c2_ptr")}
+    finish = {"DETACH": False, "HAS_XA": True, **{f"BITWISE_BF16_{name}": False for name in
+                                                  ("GRAD_M", "GRAD_B", "FACTORS")}}
+    block_n, weight_warps, stages = linear.WEIGHT_CONFIG
+    weight = {"HAS_LORA": True, "NATIVE_DOT": True, "BITWISE_BF16": False, "BLOCK_M": 16, "BLOCK_N": block_n,
+              "RANK_CHUNKS": 1}
     return _row_norm_compile_cases(row_norm, bf16_w, lora) + [
         ("column_partials-r16", norm_coefficients._column_partials_kernel, grads,
          {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_R": 16}, 4, {}),
@@ -71,15 +74,17 @@ def _compile_cases():
          {**finish, "BLOCK_N": 16, "BLOCK_R": 128}, 4, {}),
         ("finish_coefficients-r16", norm_coefficients._finish_coefficients_kernel, finish_bf16,
          {**finish, "BLOCK_N": 64, "BLOCK_R": 16}, 4, {}),
-        ("lora_a_grad-r16", linear._lora_a_grad_kernel, {"p1_ptr": "*bf16", "p2_ptr": "*bf16", "a_ptr": "*bf16",
-                                                         "out_ptr": "*bf16"},
-         {"DETACH": False, "BITWISE_BF16": False, "BLOCK_R": 16, "BLOCK_N": 128, "BLOCK_K": 16}, 4, {}),
-        ("lora_a_grad-r128", linear._lora_a_grad_kernel, {"p1_ptr": "*bf16", "p2_ptr": "*bf16", "a_ptr": "*bf16",
-                                                          "out_ptr": "*bf16"},
-         {"DETACH": False, "BITWISE_BF16": False, "BLOCK_R": 128, "BLOCK_N": 32, "BLOCK_K": 16}, 8, {}),
-        ("normalized_weight", linear._normalized_weight_kernel, {**lora, "out_ptr": "*bf16"},
-         {"HAS_LORA": True, "NATIVE_DOT": True, "BITWISE_BF16": False, "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_R": 16},
-         8, {}),
+        ("adapter_weight-r16", linear._normalized_weight_kernel, {**lora, "magnitude_ptr": "*bf16", "out_ptr": "*bf16"},
+         {**weight, "WITH_NORM": True, "WITH_WEIGHT_A": True, "BLOCK_R": 16}, weight_warps, {"num_stages": stages}),
+        ("adapter_weight-r64", linear._normalized_weight_kernel, {**lora, "magnitude_ptr": "*bf16", "out_ptr": "*bf16"},
+         {**weight, "WITH_NORM": True, "WITH_WEIGHT_A": True, "BLOCK_R": 64, "BLOCK_N": min(block_n, 128)},
+         weight_warps, {"num_stages": stages}),
+        ("normalized_weight-r16", linear._normalized_weight_kernel, {**lora, "out_ptr": "*bf16"},
+         {**weight, "WITH_NORM": False, "WITH_WEIGHT_A": False, "BLOCK_R": 16}, weight_warps,
+         {"num_stages": stages}),
+        ("full_weight", linear._normalized_weight_kernel, {"w_ptr": "*bf16", "out_ptr": "*bf16"},
+         {**weight, "HAS_LORA": False, "NATIVE_DOT": False, "WITH_NORM": False, "WITH_WEIGHT_A": False, "BLOCK_R": 16},
+         weight_warps, {"num_stages": stages}),
         ("direction_grad", linear._direction_grad_kernel, {"g_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16"},
          {"BITWISE_BF16": False, "BLOCK_M": 16, "BLOCK_N": 256}, 4, {}),
         ("matmul_f32", linear._matmul_f32_kernel, {"a_ptr": "*bf16"},
@@ -223,28 +228,28 @@ def test_adapter_row_norm():
 
 
 def _saved_for_backward(c):
-    norm, base_A = ops.adapter_row_norm.reference(c["base_weight"], c["lora_A"], c["lora_B"], c["scaling"])
+    _, norm, weight_A = ops.adapter_weight.reference(c["base_weight"], c["lora_A"], c["lora_B"], c["magnitude"],
+                                                     c["scaling"])
     row_scale = c["magnitude"].float() / norm
-    y, x_A = ops.adapter_forward.reference(
-        c["x"], c["base_weight"], c["lora_A"], c["lora_B"], row_scale, c["scaling"], c["bias"]
-    )
-    return norm, base_A, row_scale, y, x_A
+    weight, _, _ = ops.adapter_weight.reference(c["base_weight"], c["lora_A"], c["lora_B"], c["magnitude"],
+                                                c["scaling"])
+    y = (c["x"] @ weight.T + c["bias"]).to(c["x"].dtype)
+    return norm, weight_A, row_scale, y, c["x"] @ c["lora_A"].T
 
 
 @pytest.mark.gpu
-def test_adapter_forward():
+def test_adapter_weight():
     c = adapter_case()
-    _, _, row_scale, _, _ = _saved_for_backward(c)
-    args = [c["x"], c["base_weight"], c["lora_A"], c["lora_B"], row_scale, c["scaling"], c["bias"]]
-    _check_against_baseline(ops.adapter_forward, args, torch.bfloat16, names=["y", "x A^T"])
+    args = [c["base_weight"], c["lora_A"], c["lora_B"], c["magnitude"], c["scaling"]]
+    _check_against_baseline(ops.adapter_weight, args, torch.bfloat16, names=["W", "n", "W' A^T"])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("detach_norm", [False, True], ids=["exact", "detach"])
 def test_adapter_backward(detach_norm):
     c = adapter_case()
-    norm, base_A, _, y, x_A = _saved_for_backward(c)
-    args = [c["grad_out"], c["x"], y, x_A, c["base_weight"], base_A, c["lora_A"], c["lora_B"], c["magnitude"], norm,
+    norm, weight_A, _, y, x_A = _saved_for_backward(c)
+    args = [c["grad_out"], c["x"], y, x_A, c["base_weight"], weight_A, c["lora_A"], c["lora_B"], c["magnitude"], norm,
             c["bias"], c["scaling"], detach_norm]
     _check_against_baseline(ops.adapter_backward, args, torch.bfloat16, names=["dx", "dA", "dB", "dM"])
 
@@ -396,7 +401,7 @@ def test_layer_forward_backward(mode):
 def _bench_cases():
     """(name, bytes of the floor or 0 for GEMM-bound ops, function of a backend name)."""
     c = adapter_case()
-    norm, base_A, row_scale, y, x_A = _saved_for_backward(c)
+    norm, weight_A, row_scale, y, x_A = _saved_for_backward(c)
     element = 2
     big = D * D * element
     act = T * D * element
@@ -418,11 +423,11 @@ def _bench_cases():
         ("adam_update fp32", numel * (4 + 16 + 4), lambda: ops.adam_update(*adam32)),
         ("project_back_update", 2 * big,
          lambda: ops.project_back_update(weight, direction, left, None, 1e-6, 0.0, gate)),
-        ("adapter_forward", 0, lambda: ops.adapter_forward(c["x"], c["base_weight"], c["lora_A"], c["lora_B"],
-                                                           row_scale, 2.0, c["bias"])),
-        ("adapter_backward", 0, lambda: ops.adapter_backward(c["grad_out"], c["x"], y, x_A, c["base_weight"], base_A,
-                                                             c["lora_A"], c["lora_B"], c["magnitude"], norm, c["bias"],
-                                                             2.0, False)),
+        ("adapter_weight", 2 * big, lambda: ops.adapter_weight(c["base_weight"], c["lora_A"], c["lora_B"],
+                                                               c["magnitude"], 2.0)),
+        ("adapter_backward", 0, lambda: ops.adapter_backward(c["grad_out"], c["x"], y, x_A, c["base_weight"],
+                                                             weight_A, c["lora_A"], c["lora_B"], c["magnitude"], norm,
+                                                             c["bias"], 2.0, False)),
         ("projected_grad left", 0, lambda: ops.projected_grad(c["grad_out"], c["x"], c["base_weight"], row_scale,
                                                               row_c2, left, None)),
         ("nn.Linear forward (GEMM floor)", 0, lambda: torch.nn.functional.linear(c["x"], c["base_weight"], c["bias"])),

@@ -97,7 +97,7 @@ def methods(rank: int, device: torch.device) -> dict[str, Callable[[nn.Linear], 
 
 
 def _our_backend(device: torch.device, mode: str) -> str:
-    ops = ("adapter_forward", "adapter_backward") if mode == "adapter" else ("full_forward", "full_backward")
+    ops = ("adapter_weight", "adapter_backward") if mode == "adapter" else ("full_forward", "full_backward")
     return "+".join(sorted({_dispatch.select(name, device.type)[0] for name in ops}))
 
 

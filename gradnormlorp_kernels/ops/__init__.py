@@ -1,7 +1,7 @@
 """The ops: each module holds the pure-PyTorch reference and dispatches to the fastest backend here."""
 
 from .adam_update import adam_update
-from .adapter_linear import adapter_backward, adapter_forward
+from .adapter_linear import adapter_backward, adapter_weight
 from .full_linear import full_backward, full_forward
 from .norm_coefficients import norm_coefficients
 from .project_back import project_back_update
@@ -16,8 +16,8 @@ __all__ = [
     "BLOCK_SIZE",
     "adam_update",
     "adapter_backward",
-    "adapter_forward",
     "adapter_row_norm",
+    "adapter_weight",
     "dequantize_blockwise",
     "dynamic_map",
     "full_backward",

@@ -13,45 +13,98 @@ import triton
 import triton.language as tl
 
 from .._dispatch import triton_interpreted
-from ..ops.adapter_linear import adapter_backward as adapter_backward_op, adapter_forward as adapter_forward_op
+from ..ops._common import NORM_FLOOR
+from ..ops.adapter_linear import adapter_backward as adapter_backward_op, adapter_weight as adapter_weight_op
 from ..ops.full_linear import full_backward as full_backward_op, full_forward as full_forward_op
 from ..ops.projected_grad import projected_grad as projected_grad_op
 from .norm_coefficients import AdapterFactors, column_pass
 from .rounding import _round_to, bitwise_bf16
 
+# Adapter ranks up to this get W' A^T from the weight kernel's own pass (registers hold a (rows, rank) tile).
+_FUSED_RANK = 64
+# B A is formed in unrolled chunks of up to this many ranks.
+_RANK_CHUNK = 64
+
+
+@triton.jit
+def _lora_tile(a_ptr, b_ptr, row, col, row_mask, col_mask, rank, stride_a, stride_b,
+               NATIVE_DOT: tl.constexpr, BLOCK_R: tl.constexpr, RANK_CHUNKS: tl.constexpr):
+    """(B A)[row, col] in float32, over the rank in RANK_CHUNKS chunks of BLOCK_R, unrolled (a loop here
+    would keep the caller's loop over columns from being software-pipelined)."""
+    lora = tl.zeros((row.shape[0], col.shape[0]), dtype=tl.float32)
+    for chunk in tl.static_range(RANK_CHUNKS):
+        r = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_mask = r < rank
+        b = tl.load(b_ptr + row[:, None] * stride_b + r[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        a = tl.load(a_ptr + r[:, None] * stride_a + col[None, :], mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+        if NATIVE_DOT:
+            lora += tl.dot(b, a)
+        else:
+            lora += tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+    return lora
+
 
 @triton.jit
 def _normalized_weight_kernel(
-    w_ptr, a_ptr, b_ptr, row_scale_ptr, out_ptr, rows, cols, rank,
-    stride_w, stride_a, stride_b, stride_out, scaling,
-    HAS_LORA: tl.constexpr, NATIVE_DOT: tl.constexpr, BITWISE_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    w_ptr, a_ptr, b_ptr, magnitude_ptr, row_scale_ptr, out_ptr, norm_ptr, weight_a_ptr, rows, cols, rank,
+    stride_w, stride_a, stride_b, stride_out, stride_wa, scaling, floor,
+    HAS_LORA: tl.constexpr, WITH_NORM: tl.constexpr, WITH_WEIGHT_A: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    BITWISE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, RANK_CHUNKS: tl.constexpr,
 ):
-    """out = row_scale[:, None] * (W + s B A) for one tile, B A formed in registers (rank-r products)."""
+    """out = c[:, None] * (W + s B A) for a strip of BLOCK_M whole rows, B A formed tile by tile in registers.
+
+    WITH_NORM: c = M / ||W + s B A||_row from a first pass over the strip (written with the norm), which with
+    WITH_WEIGHT_A also accumulates (W + s B A) A^T for the backward's dB; the second pass re-reads
+    the strip from L2 (a strip is small and recent), so W is read from HBM once. Otherwise c is `row_scale`.
+    Both passes form each tile with the same instructions, so the backward, which rebuilds the weight from
+    the forward's c, gets the forward's bits."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = row < rows
-    col_mask = col < cols
-    mask = row_mask[:, None] & col_mask[None, :]
-    value = tl.load(w_ptr + row[:, None] * stride_w + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_LORA:
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r_start in range(0, rank, BLOCK_R):
-            r = r_start + tl.arange(0, BLOCK_R)
-            r_mask = r < rank
-            b = tl.load(b_ptr + row[:, None] * stride_b + r[None, :], mask=row_mask[:, None] & r_mask[None, :],
+    if WITH_NORM:
+        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        weight_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for start in range(0, cols, BLOCK_N):
+            col = start + tl.arange(0, BLOCK_N)
+            col_mask = col < cols
+            w = tl.load(w_ptr + row[:, None] * stride_w + col[None, :], mask=row_mask[:, None] & col_mask[None, :],
                         other=0.0)
-            a = tl.load(a_ptr + r[:, None] * stride_a + col[None, :], mask=r_mask[:, None] & col_mask[None, :],
-                        other=0.0)
-            if NATIVE_DOT:
-                lora += tl.dot(b, a)
-            else:
-                lora += tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="ieee")
-        value += scaling * lora
-    row_scale = tl.load(row_scale_ptr + row, mask=row_mask, other=0.0).to(tl.float32)
-    value = value * row_scale[:, None]
-    value = _round_to(value, out_ptr.dtype.element_ty, BITWISE_BF16)
-    tl.store(out_ptr + row[:, None] * stride_out + col[None, :], value, mask=mask)
+            value = w.to(tl.float32)
+            if HAS_LORA:
+                lora = _lora_tile(a_ptr, b_ptr, row, col, row_mask, col_mask, rank, stride_a, stride_b,
+                                  NATIVE_DOT, BLOCK_R, RANK_CHUNKS)
+                if WITH_WEIGHT_A:  # one rank chunk: A's rows are the ones _lora_tile read
+                    r = tl.arange(0, BLOCK_R)
+                    a = tl.load(a_ptr + r[:, None] * stride_a + col[None, :],
+                                mask=(r < rank)[:, None] & col_mask[None, :], other=0.0)
+                    if NATIVE_DOT:
+                        # W0 A^T from the exact 16-bit products; the small s (B A) A^T term in tf32.
+                        weight_a += tl.dot(w, tl.trans(a))
+                        weight_a += scaling * tl.dot(lora, tl.trans(a).to(tl.float32), input_precision="tf32")
+                    else:
+                        weight_a += tl.dot(value + scaling * lora, tl.trans(a.to(tl.float32)),
+                                           input_precision="ieee")
+                value += scaling * lora
+            squares += tl.sum(value * value, axis=1)
+        norm = tl.maximum(tl.sqrt(squares), floor)
+        scale = tl.load(magnitude_ptr + row, mask=row_mask, other=0.0).to(tl.float32) / norm
+        tl.store(norm_ptr + row, norm, mask=row_mask)
+        if WITH_WEIGHT_A:
+            r = tl.arange(0, BLOCK_R)
+            tl.store(weight_a_ptr + row[:, None] * stride_wa + r[None, :], weight_a,
+                     mask=row_mask[:, None] & (r < rank)[None, :])
+    else:
+        scale = tl.load(row_scale_ptr + row, mask=row_mask, other=0.0).to(tl.float32)
+    for start in range(0, cols, BLOCK_N):
+        col = start + tl.arange(0, BLOCK_N)
+        col_mask = col < cols
+        mask = row_mask[:, None] & col_mask[None, :]
+        value = tl.load(w_ptr + row[:, None] * stride_w + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_LORA:
+            value += scaling * _lora_tile(a_ptr, b_ptr, row, col, row_mask, col_mask, rank, stride_a, stride_b,
+                                          NATIVE_DOT, BLOCK_R, RANK_CHUNKS)
+        value = _round_to(value * scale[:, None], out_ptr.dtype.element_ty, BITWISE_BF16)
+        tl.store(out_ptr + row[:, None] * stride_out + col[None, :], value, mask=mask)
 
 
 @triton.jit
@@ -98,57 +151,76 @@ def _matmul_f32_kernel(
              mask=(row < M)[:, None] & (col < N)[None, :])
 
 
-@triton.jit
-def _lora_a_grad_kernel(
-    p1_ptr, p2_ptr, k_ptr, a_ptr, out_ptr, rank, cols, stride_p1, stride_p2, stride_a, scaling,
-    DETACH: tl.constexpr, BITWISE_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """dA = s (P1 - P2 - s K A) for a block of columns, P1 = (gh B)^T x, P2 = (B c2)^T W0, K = (B c2)^T B
-    (DETACH: c2 = 0, dA = s P1)."""
-    r = tl.arange(0, BLOCK_R)
-    col = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    r_mask = r < rank
-    mask = r_mask[:, None] & (col < cols)[None, :]
-    value = tl.load(p1_ptr + r[:, None] * stride_p1 + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    if not DETACH:
-        value -= tl.load(p2_ptr + r[:, None] * stride_p2 + col[None, :], mask=mask, other=0.0).to(tl.float32)
-        k_a = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-        for inner_start in range(0, rank, BLOCK_K):  # K A in slices of K's columns: no (r, r) tile in registers
-            inner = inner_start + tl.arange(0, BLOCK_K)
-            inner_mask = inner < rank
-            k = tl.load(k_ptr + r[:, None] * rank + inner[None, :], mask=r_mask[:, None] & inner_mask[None, :],
-                        other=0.0)
-            a = tl.load(a_ptr + inner[:, None] * stride_a + col[None, :],
-                        mask=inner_mask[:, None] & (col < cols)[None, :], other=0.0).to(tl.float32)
-            k_a += tl.dot(k, a, input_precision="ieee")
-        value -= scaling * k_a
-    value = _round_to(scaling * value, out_ptr.dtype.element_ty, BITWISE_BF16)
-    tl.store(out_ptr + r[:, None] * cols + col[None, :], value, mask=mask)
+def _strip_rows(rows: int) -> int:
+    """Rows a program of `_normalized_weight_kernel` takes: small strips stay in L2 between its passes and
+    give a GPU's multiprocessors a few programs each."""
+    return 16 if rows <= 8192 else 32
+
+
+# (BLOCK_N, num_warps, num_stages) of `_normalized_weight_kernel`; bench/time_normalized_weight.py times others.
+WEIGHT_CONFIG = (256, 4, 3)
+
+
+def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scaling, dtype, with_weight_A,
+                              config=None, block_m=None):
+    """Launch `_normalized_weight_kernel`: (W in `dtype`, n or None, W' A^T or None); `magnitude` given: the
+    norm pass runs, else `row_scale` is the row scale."""
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    rows, cols = weight.shape
+    device = weight.device
+    out = torch.empty(rows, cols, dtype=dtype, device=device)
+    with_norm = magnitude is not None
+    norm = torch.empty(rows, dtype=torch.float32, device=device) if with_norm else None
+    has_lora = lora_A is not None
+    rank = lora_A.shape[0] if has_lora else 0
+    block_r = max(16, triton.next_power_of_2(min(rank, _RANK_CHUNK)))
+    with_weight_A = with_weight_A and rank <= min(block_r, _FUSED_RANK)
+    weight_A = torch.empty(rows, rank, dtype=torch.float32, device=device) if with_weight_A else None
+    if out.numel() == 0:
+        return out, None if norm is None else norm.fill_(NORM_FLOOR), None if weight_A is None else weight_A.zero_()
+    if has_lora:
+        lora_A = lora_A if lora_A.stride(1) == 1 else lora_A.contiguous()
+        lora_B = lora_B if lora_B.stride(1) == 1 else lora_B.contiguous()
+    narrow = (torch.bfloat16, torch.float16)
+    native = has_lora and weight.dtype in narrow and lora_A.dtype == lora_B.dtype == weight.dtype and \
+        not triton_interpreted()
+    unused = weight
+    block_n, warps, stages = config or WEIGHT_CONFIG
+    if block_r > 32 and config is None:
+        block_n = min(block_n, 128)  # spill-free (sm_90 resource report)
+    block_m = block_m or _strip_rows(rows)
+    _normalized_weight_kernel[(triton.cdiv(rows, block_m),)](
+        weight, lora_A if has_lora else unused, lora_B if has_lora else unused,
+        magnitude if with_norm else unused, unused if with_norm else row_scale, out,
+        norm if with_norm else unused, weight_A if with_weight_A else unused, rows, cols, rank,
+        weight.stride(0), lora_A.stride(0) if has_lora else 0, lora_B.stride(0) if has_lora else 0, out.stride(0),
+        rank, float(scaling), NORM_FLOOR,
+        HAS_LORA=has_lora, WITH_NORM=with_norm, WITH_WEIGHT_A=with_weight_A, NATIVE_DOT=native,
+        BITWISE_BF16=bitwise_bf16(dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+        RANK_CHUNKS=triton.cdiv(max(rank, 1), block_r),
+        num_warps=warps, num_stages=stages,
+    )
+    return out, norm, weight_A
 
 
 def normalized_weight(weight, lora_A, lora_B, row_scale, scaling, dtype):
     """diag(row_scale) (weight + s B A) in `dtype` (`lora_A` None: diag(row_scale) weight)."""
-    weight = weight if weight.stride(1) == 1 else weight.contiguous()
-    rows, cols = weight.shape
-    out = torch.empty(rows, cols, dtype=dtype, device=weight.device)
-    if out.numel() == 0:
-        return out
-    has_lora = lora_A is not None
-    if has_lora:
-        lora_A = lora_A.contiguous()
-        lora_B = lora_B.contiguous()
-    native = (has_lora and lora_A.dtype == lora_B.dtype and lora_A.dtype in (torch.bfloat16, torch.float16)
-              and not triton_interpreted())
-    block_m, block_n = 32, 128
-    _normalized_weight_kernel[(triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))](
-        weight, lora_A if has_lora else weight, lora_B if has_lora else weight, row_scale.contiguous(), out,
-        rows, cols, lora_A.shape[0] if has_lora else 0,
-        weight.stride(0), lora_A.stride(0) if has_lora else 0, lora_B.stride(0) if has_lora else 0, out.stride(0),
-        float(scaling), HAS_LORA=has_lora, NATIVE_DOT=native, BITWISE_BF16=bitwise_bf16(dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16, num_warps=8,
+    return _normalized_weight_launch(weight, lora_A, lora_B, None, row_scale.contiguous(), scaling, dtype, False)[0]
+
+
+def adapter_weight(base_weight, lora_A, lora_B, magnitude, scaling):
+    """Same contract as the reference op; float64 takes the reference path. One launch reads W0 once and
+    writes W, n and W' A^T (ranks above _FUSED_RANK: W' A^T = W0 A^T + s B (A A^T) from cuBLAS products)."""
+    if base_weight.dtype == torch.float64:
+        return adapter_weight_op.reference(base_weight, lora_A, lora_B, magnitude, scaling)
+    weight, norm, weight_A = _normalized_weight_launch(
+        base_weight, lora_A, lora_B, magnitude.contiguous(), None, scaling, base_weight.dtype, True
     )
-    return out
+    if weight_A is None:
+        a = lora_A.to(torch.float32)
+        weight_A = (base_weight @ lora_A.to(base_weight.dtype).T).to(torch.float32) + \
+            scaling * (lora_B.to(torch.float32) @ (a @ a.T))
+    return weight, norm, weight_A
 
 
 def matmul_f32(a, b):
@@ -174,54 +246,30 @@ def _linear(x, weight, bias):
     return ((x @ weight.T).to(torch.float32) + bias.to(torch.float32)).to(x.dtype)
 
 
-def adapter_forward(x, base_weight, lora_A, lora_B, row_scale, scaling, bias):
-    """Same contract as the reference op; float64 takes the reference path."""
-    if x.dtype == torch.float64:
-        return adapter_forward_op.reference(x, base_weight, lora_A, lora_B, row_scale, scaling, bias)
-    weight = normalized_weight(base_weight, lora_A, lora_B, row_scale, scaling, x.dtype)
-    return _linear(x, weight, bias), x @ lora_A.to(x.dtype).T
-
-
-def adapter_backward(grad_out, x, out, x_A, base_weight, base_A, lora_A, lora_B, magnitude, norm, bias, scaling,
+def adapter_backward(grad_out, x, out, x_A, base_weight, weight_A, lora_A, lora_B, magnitude, norm, bias, scaling,
                      detach_norm):
     """Same contract as the reference op; float64 takes the reference path.
 
-    One pass over g and y gives c1, c2, dM and dB; dx = g W with W rebuilt from W0 (one pass over W0);
-    gh B = g (c1 B) and (gh B)^T x are thin GEMMs, (B c2)^T W0 one more (skipped when c2 == 0), and
-    one small kernel combines dA: few launches, since each costs microseconds at this layer's scale.
+    One pass over g and y gives c1, c2, dM, dB and the small factors s c1 B and s (c2 / c1) B; W is rebuilt
+    from W0 and c1 (one pass over W0, the forward's bits) for dx = g W; then dA = (g (s c1 B))^T x -
+    (s (c2 / c1) B)^T W, since (B c2)^T W' = (B c2 / c1)^T W: two thin cuBLAS GEMMs, the second (skipped
+    when c2 == 0) accumulating onto the first. Few launches, since each costs the host tens of microseconds.
     """
     if x.dtype == torch.float64:
         return adapter_backward_op.reference(
-            grad_out, x, out, x_A, base_weight, base_A, lora_A, lora_B, magnitude, norm, bias, scaling, detach_norm
+            grad_out, x, out, x_A, base_weight, weight_A, lora_A, lora_B, magnitude, norm, bias, scaling, detach_norm
         )
     g = grad_out.to(x.dtype)
-    factors = AdapterFactors(
-        x_A, base_A, lora_B, None if detach_norm else matmul_f32(lora_A, lora_A.T), scaling, lora_B.dtype, x.dtype,
-        base_weight.dtype,
-    )
-    row_scale, c2, grad_magnitude = column_pass(
+    factors = AdapterFactors(x_A, weight_A, lora_B, scaling, lora_B.dtype, x.dtype)
+    row_scale, _, grad_magnitude = column_pass(
         g, out, bias, magnitude, norm, detach_norm, factors, grad_magnitude_dtype=magnitude.dtype
     )
-    grad_x = g @ normalized_weight(base_weight, lora_A, lora_B, row_scale, scaling, x.dtype)
-    g_B = g @ factors.B_scaled  # gh B, (T, r)
-    first = g_B.T @ x  # (r, in)
-    rank, cols = lora_A.shape
-    grad_A = torch.empty(rank, cols, dtype=lora_A.dtype, device=x.device)
-    if detach_norm:
-        second, gram = first, first  # unused pointers
-    else:
-        second = factors.B_c2_low.T @ base_weight  # (B c2)^T W0, (r, in)
-        gram = matmul_f32(factors.B_c2.T, lora_B)  # (B c2)^T B, (r, r)
-    a_arg = lora_A if lora_A.stride(1) == 1 else lora_A.contiguous()
-    if grad_A.numel():
-        block_r = max(16, triton.next_power_of_2(rank))
-        block_n, warps = (128, 4) if block_r <= 32 else (32, 8)  # spill-free tiles (sm_90 resource report)
-        _lora_a_grad_kernel[(triton.cdiv(cols, block_n),)](
-            first, second, gram, a_arg, grad_A, rank, cols, first.stride(0), second.stride(0), a_arg.stride(0),
-            float(scaling), DETACH=bool(detach_norm), BITWISE_BF16=bitwise_bf16(lora_A.dtype),
-            BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=16, num_warps=warps,
-        )
-    return grad_x, grad_A, factors.grad_B, grad_magnitude
+    weight = normalized_weight(base_weight, lora_A, lora_B, row_scale, scaling, x.dtype)
+    grad_x = g @ weight
+    grad_A = (g @ factors.B_scaled).T @ x  # s (gh B)^T x, (r, in)
+    if not detach_norm:
+        grad_A.addmm_(factors.B_c2.T, weight, alpha=-1.0)
+    return grad_x, grad_A.to(lora_A.dtype), factors.grad_B, grad_magnitude
 
 
 def full_forward(x, direction, row_scale, bias):

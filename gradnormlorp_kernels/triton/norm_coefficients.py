@@ -60,17 +60,15 @@ def _column_partials_kernel(
 
 @triton.jit
 def _finish_coefficients_kernel(
-    partial_ptr, partial_xa_ptr, magnitude_ptr, norm_ptr, base_a_ptr, b_ptr, gram_a_ptr,
-    row_scale_ptr, c2_ptr, grad_magnitude_ptr, grad_b_ptr, b_scaled_ptr, b_c2_ptr, b_c2_low_ptr,
-    cols, rank, splits, stride_base_a, stride_b, scaling,
+    partial_ptr, partial_xa_ptr, magnitude_ptr, norm_ptr, weight_a_ptr, b_ptr,
+    row_scale_ptr, c2_ptr, grad_magnitude_ptr, grad_b_ptr, b_scaled_ptr, b_c2_ptr,
+    cols, rank, splits, stride_weight_a, stride_b, scaling,
     DETACH: tl.constexpr, HAS_XA: tl.constexpr, BITWISE_BF16_GRAD_M: tl.constexpr, BITWISE_BF16_GRAD_B: tl.constexpr,
-    BITWISE_BF16_B_SCALED: tl.constexpr, BITWISE_BF16_B_C2: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BITWISE_BF16_FACTORS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """c1 = M / n, dM = colsum(g (y - b)) / M, c2 = M dM / n^2 (0 detached); in adapter mode also
-    dB = s (c1 * g^T (x A^T) - c2 * (W0 A^T + s B (A A^T))), from the partials of the column pass, and the
-    backward's small factors B c1 (in x's dtype), B c2 (float32 and in W0's dtype), so that they cost no
-    launches of their own."""
+    dB = s (c1 * g^T (x A^T) - c2 * (W' A^T)) from the partials of the column pass, and the backward's small
+    factors s c1 B and s (c2 / c1) B = s (dM / n) B (in x's dtype), so that they cost no launches of their own."""
     col = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = col < cols
     r = tl.arange(0, BLOCK_R)
@@ -96,43 +94,31 @@ def _finish_coefficients_kernel(
              _round_to(grad_magnitude, grad_magnitude_ptr.dtype.element_ty, BITWISE_BF16_GRAD_M), mask=col_mask)
     if HAS_XA:
         b = tl.load(b_ptr + col[:, None] * stride_b + r[None, :], mask=xa_mask, other=0.0).to(tl.float32)
-        b_scaled = _round_to(b * row_scale[:, None], b_scaled_ptr.dtype.element_ty, BITWISE_BF16_B_SCALED)
+        b_scaled = _round_to(scaling * b * row_scale[:, None], b_scaled_ptr.dtype.element_ty, BITWISE_BF16_FACTORS)
         tl.store(b_scaled_ptr + col[:, None] * rank + r[None, :], b_scaled, mask=xa_mask)
         grad_b = g_xa * row_scale[:, None]
         if not DETACH:
-            # B (A A^T) in float32 products, over slices of the inner rank: no (r, r) tile in registers.
-            b_gram = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-            for inner_start in range(0, rank, BLOCK_K):
-                inner = inner_start + tl.arange(0, BLOCK_K)
-                inner_mask = inner < rank
-                b_slice = tl.load(b_ptr + col[:, None] * stride_b + inner[None, :],
-                                  mask=col_mask[:, None] & inner_mask[None, :], other=0.0).to(tl.float32)
-                gram_slice = tl.load(gram_a_ptr + inner[:, None] * rank + r[None, :],
-                                     mask=inner_mask[:, None] & (r < rank)[None, :], other=0.0)
-                b_gram += tl.dot(b_slice, gram_slice, input_precision="ieee")
-            base_a = tl.load(base_a_ptr + col[:, None] * stride_base_a + r[None, :], mask=xa_mask, other=0.0)
-            grad_b = grad_b - c2[:, None] * (base_a.to(tl.float32) + scaling * b_gram)
-            b_c2 = b * c2[:, None]
+            weight_a = tl.load(weight_a_ptr + col[:, None] * stride_weight_a + r[None, :], mask=xa_mask, other=0.0)
+            grad_b = grad_b - c2[:, None] * weight_a.to(tl.float32)
+            b_c2 = _round_to(scaling * b * (grad_magnitude / n)[:, None], b_c2_ptr.dtype.element_ty,
+                             BITWISE_BF16_FACTORS)
             tl.store(b_c2_ptr + col[:, None] * rank + r[None, :], b_c2, mask=xa_mask)
-            tl.store(b_c2_low_ptr + col[:, None] * rank + r[None, :],
-                     _round_to(b_c2, b_c2_low_ptr.dtype.element_ty, BITWISE_BF16_B_C2), mask=xa_mask)
         grad_b = _round_to(scaling * grad_b, grad_b_ptr.dtype.element_ty, BITWISE_BF16_GRAD_B)
         tl.store(grad_b_ptr + col[:, None] * rank + r[None, :], grad_b, mask=xa_mask)
 
 
 class AdapterFactors:
-    """What the column pass needs and gives in adapter mode. In: x A^T (T, r), W0 A^T (out, r), B (out, r),
-    A A^T (r, r) float32 (None when detached), s, and the dtypes of dB, of B c1 (x's) and of the low-precision B c2 (W0's).
-    Out (after `column_pass`): dB, B c1, and unless detached B c2 in float32 and in W0's dtype."""
+    """What the column pass needs and gives in adapter mode. In: x A^T (T, r), W' A^T (out, r), B (out, r),
+    s, and the dtypes of dB and of x. Out (after `column_pass`): dB, s c1 B and, unless detached,
+    s (c2 / c1) B, both in x's dtype."""
 
-    def __init__(self, x_A, base_A, lora_B, gram_A, scaling, grad_dtype, x_dtype, base_dtype):
+    def __init__(self, x_A, weight_A, lora_B, scaling, grad_dtype, x_dtype):
         self.x_A = x_A if x_A.stride(1) == 1 else x_A.contiguous()
-        self.base_A = base_A if base_A.stride(1) == 1 else base_A.contiguous()
+        self.weight_A = weight_A if weight_A.stride(1) == 1 else weight_A.contiguous()
         self.lora_B = lora_B if lora_B.stride(1) == 1 else lora_B.contiguous()
-        self.gram_A = self.lora_B if gram_A is None else gram_A.contiguous()  # unread when detached
         self.scaling = float(scaling)
-        self.dtypes = (grad_dtype, x_dtype, base_dtype)
-        self.grad_B = self.B_scaled = self.B_c2 = self.B_c2_low = None
+        self.dtypes = (grad_dtype, x_dtype)
+        self.grad_B = self.B_scaled = self.B_c2 = None
 
 
 def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None, grad_magnitude_dtype=torch.float32):
@@ -151,14 +137,13 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None, gr
     grad_magnitude = torch.empty(cols, dtype=grad_magnitude_dtype, device=device)
     if has_xa:
         rank = lora.x_A.shape[1]
-        grad_dtype, x_dtype, base_dtype = lora.dtypes
+        grad_dtype, x_dtype = lora.dtypes
         lora.grad_B = torch.empty(cols, rank, dtype=grad_dtype, device=device)
         lora.B_scaled = torch.empty(cols, rank, dtype=x_dtype, device=device)
         if not detach_norm:
-            lora.B_c2 = torch.empty(cols, rank, dtype=torch.float32, device=device)
-            lora.B_c2_low = torch.empty(cols, rank, dtype=base_dtype, device=device)
+            lora.B_c2 = torch.empty(cols, rank, dtype=x_dtype, device=device)
     else:
-        rank, grad_dtype, x_dtype, base_dtype = 0, torch.float32, torch.float32, torch.float32
+        rank, grad_dtype, x_dtype = 0, torch.float32, torch.float32
     if cols == 0:
         return row_scale, c2, grad_magnitude
     block_r = max(16, triton.next_power_of_2(rank))
@@ -183,16 +168,14 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None, gr
     finish_block = 64 if block_r <= 32 else 16
     unused = partial
     _finish_coefficients_kernel[(triton.cdiv(cols, finish_block),)](
-        partial, partial_xa, magnitude, norm,
-        lora.base_A if has_xa else unused, lora.lora_B if has_xa else unused, lora.gram_A if has_xa else unused,
+        partial, partial_xa, magnitude, norm, lora.weight_A if has_xa else unused, lora.lora_B if has_xa else unused,
         row_scale, c2, grad_magnitude, lora.grad_B if has_xa else unused, lora.B_scaled if has_xa else unused,
         lora.B_c2 if has_xa and lora.B_c2 is not None else unused,
-        lora.B_c2_low if has_xa and lora.B_c2_low is not None else unused,
-        cols, rank, splits, lora.base_A.stride(0) if has_xa else 0, lora.lora_B.stride(0) if has_xa else 0,
+        cols, rank, splits, lora.weight_A.stride(0) if has_xa else 0, lora.lora_B.stride(0) if has_xa else 0,
         lora.scaling if has_xa else 0.0,
         DETACH=bool(detach_norm), HAS_XA=has_xa, BITWISE_BF16_GRAD_M=bitwise_bf16(grad_magnitude_dtype),
-        BITWISE_BF16_GRAD_B=bitwise_bf16(grad_dtype), BITWISE_BF16_B_SCALED=bitwise_bf16(x_dtype),
-        BITWISE_BF16_B_C2=bitwise_bf16(base_dtype), BLOCK_N=finish_block, BLOCK_R=block_r, BLOCK_K=16, num_warps=4,
+        BITWISE_BF16_GRAD_B=bitwise_bf16(grad_dtype), BITWISE_BF16_FACTORS=bitwise_bf16(x_dtype),
+        BLOCK_N=finish_block, BLOCK_R=block_r, num_warps=4,
     )
     return row_scale, c2, grad_magnitude
 

@@ -1,0 +1,56 @@
+"""The layer's weight kernel (`_normalized_weight_kernel`): the forward's W = diag(M / n)(W0 + s B A) with n and
+W' A^T in one launch (`adapter_weight`), the backward's rebuild from a known row scale, and full mode's
+diag(c) V, at each candidate (BLOCK_N, warps, stages) and strip height; kernel time from CUDA graphs
+(`time_kernels`), in us and % of the byte floor (W0 read once, W written once) at the copy bandwidth given.
+
+    python bench/time_normalized_weight.py [--copy-gbs 4243] [--configs]
+"""
+
+import argparse
+import itertools
+
+import torch
+
+from gradnormlorp_kernels.benchmarks._timing import time_kernels
+from gradnormlorp_kernels.triton import linear
+
+SHAPES = [(4096, 4096, 16), (11008, 4096, 16), (4096, 4096, 64)]
+CANDIDATES = list(itertools.product((128, 256, 512), (4, 8), (2, 4)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--copy-gbs", type=float, default=4243.0)
+    parser.add_argument("--configs", action="store_true", help="time every candidate, not only the default")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    for rows, cols, rank in SHAPES[:1] if args.configs else SHAPES:
+        base = torch.randn(rows, cols, device=device, dtype=torch.bfloat16) / cols**0.5
+        lora_A = torch.randn(rank, cols, device=device, dtype=torch.bfloat16) / cols**0.5
+        lora_B = torch.randn(rows, rank, device=device, dtype=torch.bfloat16) * 0.05
+        magnitude = (torch.rand(rows, device=device) + 0.5).bfloat16()
+        row_scale = torch.rand(rows, device=device) + 0.5
+        moved = 2 * base.numel() * base.element_size()
+        configs = CANDIDATES if args.configs else [None]
+        for config, block_m in itertools.product(configs, (16, 32) if args.configs else (None,)):
+            runs = {
+                "adapter_weight": lambda: linear._normalized_weight_launch(
+                    base, lora_A, lora_B, magnitude, None, 2.0, base.dtype, True, config, block_m),
+                "rebuild": lambda: linear._normalized_weight_launch(
+                    base, lora_A, lora_B, None, row_scale, 2.0, base.dtype, False, config, block_m),
+                "full": lambda: linear._normalized_weight_launch(
+                    base, None, None, None, row_scale, 0.0, base.dtype, False, config, block_m),
+            }
+            label = "default" if config is None else f"n{config[0]} w{config[1]} s{config[2]} m{block_m}"
+            for name, fn in runs.items():
+                try:
+                    us = 1e3 * time_kernels(fn, device).median_ms
+                except Exception as exc:  # a config that does not compile or fit is reported, not fatal
+                    print(f"{rows}x{cols} r={rank} {label:18} {name:15} failed: {type(exc).__name__}")
+                    continue
+                print(f"{rows}x{cols} r={rank} {label:18} {name:15} {us:7.1f} us "
+                      f"{100 * moved / us / 1e3 / args.copy_gbs:5.1f}% of copy")
+
+
+if __name__ == "__main__":
+    main()
