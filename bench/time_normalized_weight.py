@@ -1,6 +1,6 @@
 """The layer's weight kernel (`_normalized_weight_kernel`): the forward's W = diag(M / n)(W0 + s B A) with n and
 W' A^T in one launch (`adapter_weight`), the backward's rebuild from a known row scale, and full mode's
-diag(c) V, at each candidate (BLOCK_N, warps, stages) and strip height; kernel time from CUDA graphs
+diag(c) V, at each candidate (BLOCK_M, BLOCK_N, warps, stages); kernel time from CUDA graphs
 (`time_kernels`), in us and % of the byte floor (W0 read once, W written once) at the copy bandwidth given.
 
     python bench/time_normalized_weight.py [--copy-gbs 4243] [--configs]
@@ -15,7 +15,7 @@ from gradnormlorp_kernels.benchmarks._timing import time_kernels
 from gradnormlorp_kernels.triton import linear
 
 SHAPES = [(4096, 4096, 16), (11008, 4096, 16), (4096, 4096, 64)]
-CANDIDATES = list(itertools.product((128, 256, 512), (4, 8), (2, 4)))
+CANDIDATES = list(itertools.product((16, 32), (128, 256, 512), (4, 8), (2, 4)))
 
 
 def main() -> None:
@@ -32,16 +32,16 @@ def main() -> None:
         row_scale = torch.rand(rows, device=device) + 0.5
         moved = 2 * base.numel() * base.element_size()
         configs = CANDIDATES if args.configs else [None]
-        for config, block_m in itertools.product(configs, (16, 32) if args.configs else (None,)):
+        for config in configs:
             runs = {
                 "adapter_weight": lambda: linear._normalized_weight_launch(
-                    base, lora_A, lora_B, magnitude, None, 2.0, base.dtype, True, config, block_m),
+                    base, lora_A, lora_B, magnitude, None, 2.0, base.dtype, True, config),
                 "rebuild": lambda: linear._normalized_weight_launch(
-                    base, lora_A, lora_B, None, row_scale, 2.0, base.dtype, False, config, block_m),
+                    base, lora_A, lora_B, None, row_scale, 2.0, base.dtype, False, config),
                 "full": lambda: linear._normalized_weight_launch(
-                    base, None, None, None, row_scale, 0.0, base.dtype, False, config, block_m),
+                    base, None, None, None, row_scale, 0.0, base.dtype, False, config),
             }
-            label = "default" if config is None else f"n{config[0]} w{config[1]} s{config[2]} m{block_m}"
+            label = "default" if config is None else "m{} n{} w{} s{}".format(*config)
             for name, fn in runs.items():
                 try:
                     us = 1e3 * time_kernels(fn, device).median_ms

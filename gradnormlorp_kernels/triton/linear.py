@@ -50,7 +50,7 @@ def _normalized_weight_kernel(
     stride_w, stride_a, stride_b, stride_out, stride_wa, scaling, floor,
     HAS_LORA: tl.constexpr, WITH_NORM: tl.constexpr, WITH_WEIGHT_A: tl.constexpr, NATIVE_DOT: tl.constexpr,
     BITWISE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr, RANK_CHUNKS: tl.constexpr,
+    BLOCK_R: tl.constexpr, RANK_CHUNKS: tl.constexpr, STAGES: tl.constexpr,
 ):
     """out = c[:, None] * (W + s B A) for a strip of BLOCK_M whole rows, B A formed tile by tile in registers.
 
@@ -62,9 +62,12 @@ def _normalized_weight_kernel(
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = row < rows
     if WITH_NORM:
-        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        # float32 weights: per-column-slot partial sums, reduced once at the end, so rows of thousands of
+        # elements sum with pairwise-like error, not one running sum's (16-bit weights: one running sum).
+        squares = tl.zeros((BLOCK_M, BLOCK_N if not NATIVE_DOT else 1), dtype=tl.float32)
         weight_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for start in range(0, cols, BLOCK_N):
+        compensation = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for start in tl.range(0, cols, BLOCK_N, num_stages=STAGES):
             col = start + tl.arange(0, BLOCK_N)
             col_mask = col < cols
             w = tl.load(w_ptr + row[:, None] * stride_w + col[None, :], mask=row_mask[:, None] & col_mask[None, :],
@@ -82,12 +85,21 @@ def _normalized_weight_kernel(
                         weight_a += tl.dot(w, tl.trans(a))
                         weight_a += scaling * tl.dot(lora, tl.trans(a).to(tl.float32), input_precision="tf32")
                     else:
-                        weight_a += tl.dot(value + scaling * lora, tl.trans(a.to(tl.float32)),
-                                           input_precision="ieee")
+                        # float32: each tile's products added with compensation (Kahan), so the long sum
+                        # stays near cuBLAS's accuracy.
+                        tile = tl.dot(value + scaling * lora, tl.trans(a.to(tl.float32)),
+                                      input_precision="ieee") - compensation
+                        total = weight_a + tile
+                        compensation = (total - weight_a) - tile
+                        weight_a = total
                 value += scaling * lora
-            squares += tl.sum(value * value, axis=1)
-        norm = tl.maximum(tl.sqrt(squares), floor)
-        scale = tl.load(magnitude_ptr + row, mask=row_mask, other=0.0).to(tl.float32) / norm
+            if NATIVE_DOT:
+                squares += tl.sum(value * value, axis=1, keep_dims=True)
+            else:
+                squares += value * value
+        norm = tl.maximum(tl.sqrt_rn(tl.sum(squares, axis=1)), floor)
+        # Correctly rounded (M / n is exactly 1 where M == n, as at init), as the backward's rebuild computes it.
+        scale = tl.div_rn(tl.load(magnitude_ptr + row, mask=row_mask, other=0.0).to(tl.float32), norm)
         tl.store(norm_ptr + row, norm, mask=row_mask)
         if WITH_WEIGHT_A:
             r = tl.arange(0, BLOCK_R)
@@ -95,7 +107,7 @@ def _normalized_weight_kernel(
                      mask=row_mask[:, None] & (r < rank)[None, :])
     else:
         scale = tl.load(row_scale_ptr + row, mask=row_mask, other=0.0).to(tl.float32)
-    for start in range(0, cols, BLOCK_N):
+    for start in tl.range(0, cols, BLOCK_N, num_stages=STAGES):
         col = start + tl.arange(0, BLOCK_N)
         col_mask = col < cols
         mask = row_mask[:, None] & col_mask[None, :]
@@ -151,18 +163,15 @@ def _matmul_f32_kernel(
              mask=(row < M)[:, None] & (col < N)[None, :])
 
 
-def _strip_rows(rows: int) -> int:
-    """Rows a program of `_normalized_weight_kernel` takes: small strips stay in L2 between its passes and
-    give a GPU's multiprocessors a few programs each."""
-    return 16 if rows <= 8192 else 32
-
-
-# (BLOCK_N, num_warps, num_stages) of `_normalized_weight_kernel`; bench/time_normalized_weight.py times others.
-WEIGHT_CONFIG = (256, 4, 3)
+# (BLOCK_M, BLOCK_N, num_warps, STAGES) of `_normalized_weight_kernel`, with the norm pass (the adapter's
+# forward) and without (the backward's rebuild, full mode), at rank 16; bench/time_normalized_weight.py
+# --configs times the candidates (H200, 4096 x 4096 r=16: 67 us and 26 us, against 72 and 39 at (16, 128);
+# 62 us at (32, 256) spills).
+WEIGHT_CONFIGS = {True: (32, 128, 4, 4), False: (16, 512, 4, 4)}
 
 
 def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scaling, dtype, with_weight_A,
-                              config=None, block_m=None):
+                              config=None):
     """Launch `_normalized_weight_kernel`: (W in `dtype`, n or None, W' A^T or None); `magnitude` given: the
     norm pass runs, else `row_scale` is the row scale."""
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
@@ -185,10 +194,13 @@ def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scal
     native = has_lora and weight.dtype in narrow and lora_A.dtype == lora_B.dtype == weight.dtype and \
         not triton_interpreted()
     unused = weight
-    block_n, warps, stages = config or WEIGHT_CONFIG
-    if block_r > 32 and config is None:
-        block_n = min(block_n, 128)  # spill-free (sm_90 resource report)
-    block_m = block_m or _strip_rows(rows)
+    block_m, block_n, warps, stages = config or WEIGHT_CONFIGS[with_norm]
+    if config is None and with_norm and not native:  # float32 products on the FMA units: small tiles
+        block_m, block_n, warps, stages = 16, 64, 4, 2
+    elif config is None and block_r > 16:
+        block_m, block_n, warps, stages = 16, 128, 8, 2  # spill-free (sm_90 resource report)
+    if triton_interpreted():
+        stages = 1
     _normalized_weight_kernel[(triton.cdiv(rows, block_m),)](
         weight, lora_A if has_lora else unused, lora_B if has_lora else unused,
         magnitude if with_norm else unused, unused if with_norm else row_scale, out,
@@ -197,8 +209,7 @@ def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scal
         rank, float(scaling), NORM_FLOOR,
         HAS_LORA=has_lora, WITH_NORM=with_norm, WITH_WEIGHT_A=with_weight_A, NATIVE_DOT=native,
         BITWISE_BF16=bitwise_bf16(dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        RANK_CHUNKS=triton.cdiv(max(rank, 1), block_r),
-        num_warps=warps, num_stages=stages,
+        RANK_CHUNKS=triton.cdiv(max(rank, 1), block_r), STAGES=stages, num_warps=warps,
     )
     return out, norm, weight_A
 

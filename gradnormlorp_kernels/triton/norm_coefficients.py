@@ -83,7 +83,7 @@ def _finish_coefficients_kernel(
     m = tl.load(magnitude_ptr + col, mask=col_mask, other=1.0).to(tl.float32)
     n = tl.load(norm_ptr + col, mask=col_mask, other=1.0).to(tl.float32)
     grad_magnitude = total / m
-    row_scale = m / n
+    row_scale = tl.div_rn(m, n)  # as the forward's weight kernel: the backward rebuilds that very weight
     if DETACH:
         c2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     else:
