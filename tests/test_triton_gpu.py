@@ -86,7 +86,7 @@ def _compile_cases():
         ("adapter_weight-fp32-r16", linear._normalized_weight_kernel, {},
          {**with_norm, "NATIVE_DOT": False, "BLOCK_R": 16, "BLOCK_M": 16, "BLOCK_N": 64, "STAGES": 2}, 4, {}),
         ("adapter_weight-fp32-r64", linear._normalized_weight_kernel, {},
-         {**with_norm, "NATIVE_DOT": False, "BLOCK_R": 64, "BLOCK_M": 16, "BLOCK_N": 64, "STAGES": 2}, 4, {}),
+         {**with_norm, "NATIVE_DOT": False, "BLOCK_R": 64, "BLOCK_M": 16, "BLOCK_N": 32, "STAGES": 2}, 4, {}),
         ("normalized_weight-r16", linear._normalized_weight_kernel, {**lora, "out_ptr": "*bf16"},
          {**weight, "WITH_NORM": False, "WITH_WEIGHT_A": False, "BLOCK_R": 16}, weight_warps, {}),
         ("normalized_weight-r64", linear._normalized_weight_kernel, {**lora, "out_ptr": "*bf16"},

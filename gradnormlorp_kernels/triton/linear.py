@@ -196,7 +196,7 @@ def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scal
     unused = weight
     block_m, block_n, warps, stages = config or WEIGHT_CONFIGS[with_norm]
     if config is None and with_norm and not native:  # float32 products on the FMA units: small tiles
-        block_m, block_n, warps, stages = 16, 64, 4, 2
+        block_m, block_n, warps, stages = 16, 64 if block_r <= 16 else 32, 4, 2
     elif config is None and block_r > 16:
         block_m, block_n, warps, stages = 16, 128, 8, 2  # spill-free (sm_90 resource report)
     if triton_interpreted():
