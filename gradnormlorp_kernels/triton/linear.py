@@ -20,9 +20,8 @@ from ..ops.projected_grad import projected_grad as projected_grad_op
 from .norm_coefficients import AdapterFactors, column_pass
 from .rounding import _round_to, bitwise_bf16
 
-# Adapter ranks up to this get W' A^T from the weight kernel's own pass (registers hold a (rows, rank) tile).
-_FUSED_RANK = 64
-# B A is formed in unrolled chunks of up to this many ranks.
+# B A is formed in unrolled chunks of up to this many ranks; ranks up to it also get W' A^T from the weight
+# kernel's own pass (registers hold a (rows, rank) tile).
 _RANK_CHUNK = 64
 
 
@@ -183,7 +182,7 @@ def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scal
     has_lora = lora_A is not None
     rank = lora_A.shape[0] if has_lora else 0
     block_r = max(16, triton.next_power_of_2(min(rank, _RANK_CHUNK)))
-    with_weight_A = with_weight_A and rank <= min(block_r, _FUSED_RANK)
+    with_weight_A = with_weight_A and rank <= block_r
     weight_A = torch.empty(rows, rank, dtype=torch.float32, device=device) if with_weight_A else None
     if out.numel() == 0:
         return out, None if norm is None else norm.fill_(NORM_FLOOR), None if weight_A is None else weight_A.zero_()
@@ -221,7 +220,7 @@ def normalized_weight(weight, lora_A, lora_B, row_scale, scaling, dtype):
 
 def adapter_weight(base_weight, lora_A, lora_B, magnitude, scaling):
     """Same contract as the reference op; float64 takes the reference path. One launch reads W0 once and
-    writes W, n and W' A^T (ranks above _FUSED_RANK: W' A^T = W0 A^T + s B (A A^T) from cuBLAS products)."""
+    writes W, n and W' A^T (ranks above _RANK_CHUNK: W' A^T = W0 A^T + s B (A A^T) from cuBLAS products)."""
     if base_weight.dtype == torch.float64:
         return adapter_weight_op.reference(base_weight, lora_A, lora_B, magnitude, scaling)
     weight, norm, weight_A = _normalized_weight_launch(
