@@ -2,7 +2,10 @@
 optimizer benchmark's window step by step, each step labelled with what it did (a refresh's sketch, a
 refresh's finish, a graph capture).
 
-    python bench/profile_refresh.py [--rank 128] [--window-only]
+    python bench/profile_refresh.py [--rank 128] [--window-only] [--trace]
+
+`--trace` then steps on past the window to the next sketch and finish steps and prints their kernels per
+CUDA stream (start, duration), to show what overlaps the step's replay and what waits.
 """
 
 import argparse
@@ -89,7 +92,7 @@ def projectors(rank: int) -> None:
               f"syncs: {synchronises(fn)}")
 
 
-def window(rank: int) -> None:
+def window(rank: int):
     """The optimizer benchmark's window, step by step, with what each step did."""
     size = SIZES["full"]
     device = torch.device("cuda")
@@ -109,6 +112,7 @@ def window(rank: int) -> None:
         refreshes = sum(s["refreshes"] for s in optimizer.state.values()) if optimizer.state else 0
         pending = sum(optimizer._pending(s) for s in optimizer.state.values())
         captures = sum(g.captures for g in optimizer._graphs.values())
+        sketch_graphs = sum(g.graph is not None for g in optimizer._sketch_graphs.values())
         ms = _timing.time_once(optimizer.step, device)
         what = []
         if sum(optimizer._pending(s) for s in optimizer.state.values()) < pending:
@@ -117,8 +121,12 @@ def window(rank: int) -> None:
             what.append("sketch")
         if sum(g.captures for g in optimizer._graphs.values()) > captures:
             what.append("capture")
+        if sum(g.graph is not None for g in optimizer._sketch_graphs.values()) > sketch_graphs:
+            what.append("sketch-capture")
         labelled.append((ms, "+".join(what) or "plain"))
     steps = labelled[1:]
+    slowest = sorted(range(len(steps)), key=lambda i: -steps[i][0])[:8]
+    print("  slowest steps: " + ", ".join(f"#{i + 1} {steps[i][0]:.2f} ms {steps[i][1]}" for i in slowest))
     print(f"  first step {labelled[0][0]:.2f} ms")
     for kind in ("plain", "sketch", "finish", "finish+sketch", "capture", "sketch+capture", "finish+capture"):
         times = sorted(ms for ms, what in steps if what == kind)
@@ -126,12 +134,45 @@ def window(rank: int) -> None:
             print(f"  {kind:16s} n={len(times):3d} median {statistics.median(times):7.2f} ms  max {times[-1]:7.2f} ms")
     print(f"  window: median {statistics.median(m for m, _ in steps):.2f} ms, mean {statistics.fmean(m for m, _ in steps):.2f}"
           f" ms, max {max(m for m, _ in steps):.2f} ms")
+    return optimizer, fresh
+
+
+def trace(optimizer, fresh, steps: int = 40) -> None:
+    """The next sketch step and the next finish step after the window, kernels by stream."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shown = set()
+    for _ in range(steps):
+        fresh()
+        pending = sum(optimizer._pending(s) for s in optimizer.state.values())
+        refreshes = sum(s["refreshes"] for s in optimizer.state.values())
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            ms = _timing.time_once(optimizer.step, torch.device("cuda"))
+        kind = ("finish" if sum(optimizer._pending(s) for s in optimizer.state.values()) < pending else "") + \
+            ("sketch" if sum(s["refreshes"] for s in optimizer.state.values()) > refreshes else "")
+        if not kind or kind in shown:
+            continue
+        shown.add(kind)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        start = min(e.time_range.start for e in kernels)
+        print(f"  {kind} step {ms:.2f} ms: {len(kernels)} GPU events")
+        for e in sorted(kernels, key=lambda e: e.time_range.start):
+            print(f"    stream {getattr(e, 'device_resource_id', '?'):>3} +{e.time_range.start - start:8.1f} us "
+                  f"{e.time_range.elapsed_us():8.1f} us  {e.name[:70]}")
+        syncs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU and
+                 any(w in e.name for w in ("Synchronize", "item", "local_scalar", "eigh", "cudaMemcpy"))]
+        for e in syncs[:20]:
+            print(f"    host {e.name[:50]:50s} {e.time_range.elapsed_us():8.1f} us")
+        if len(shown) == 2:
+            return
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--window-only", action="store_true", help="only the optimizer window")
+    parser.add_argument("--trace", action="store_true", help="then trace a sketch step and a finish step")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     if not args.window_only:
@@ -139,7 +180,9 @@ def main() -> None:
         for rows in (5461, 2048):
             pieces(rows, k)
         projectors(args.rank)
-    window(args.rank)
+    optimizer, fresh = window(args.rank)
+    if args.trace:
+        trace(optimizer, fresh)
 
 
 if __name__ == "__main__":

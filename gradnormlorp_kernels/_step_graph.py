@@ -132,3 +132,40 @@ class SketchGraph:
         current.wait_stream(self.stream)
         self.graph = graph
         return eager
+
+
+class FinishGraph:
+    """The end of a randomized refresh after its eigendecomposition (`ops.refresh.write_ritz_projector`:
+    the projector from the Ritz vectors, written in place unless it is not finite; a dozen small launches)
+    for one shape of sketch and projector: the candidate projector and its finiteness captured once and
+    replayed from static inputs, then one in-place select into the kept projector."""
+
+    def __init__(self, basis: torch.Tensor, vectors: torch.Tensor, healthy: torch.Tensor, rank: int,
+                 dtype: torch.dtype, stream: torch.cuda.Stream) -> None:
+        self.inputs = tuple(torch.empty_like(t) for t in (basis, vectors, healthy))
+        self.rank, self.dtype = rank, dtype
+        self.stream = stream
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple | None = None
+
+    def run(self, kept: torch.Tensor, basis: torch.Tensor, vectors: torch.Tensor, healthy: torch.Tensor) -> None:
+        """Write the projector into `kept`. The first call runs eagerly (as SketchGraph's), then captures."""
+        for buffer, value in zip(self.inputs, (basis, vectors, healthy)):
+            buffer.copy_(value)
+        if self.graph is not None:
+            self.graph.replay()
+            projector, finite = self.outputs
+        else:
+            projector, finite = refresh.ritz_candidate(*self.inputs, self.rank, self.dtype)
+            graph = torch.cuda.CUDAGraph()
+            current = torch.cuda.current_stream(kept.device)
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                graph.capture_begin()
+                try:
+                    self.outputs = refresh.ritz_candidate(*self.inputs, self.rank, self.dtype)
+                finally:
+                    graph.capture_end()
+            current.wait_stream(self.stream)
+            self.graph = graph
+        torch.where(finite, projector, kept, out=kept)

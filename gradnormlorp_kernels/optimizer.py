@@ -11,7 +11,7 @@ from torch import nn
 
 from . import _dispatch, ops
 from ._flat_moments import FlatMoments
-from ._step_graph import GroupGraphs, SketchGraph
+from ._step_graph import FinishGraph, GroupGraphs, SketchGraph
 from .ops import refresh as refresh_ops
 from .layer import GradNormLoRPLinear
 
@@ -130,6 +130,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         self.cuda_graph = cuda_graph
         self._side_streams: dict[tuple, torch.cuda.Stream] = {}
         self._sketch_graphs: dict[tuple, SketchGraph] = {}
+        self._finish_graphs: dict[tuple, FinishGraph] = {}
         self._graphs: dict[int, GroupGraphs] = {}  # by group index
         # By group index: the matrices of each moment kind, whose moments one launch steps.
         self._flat: dict[int, list[tuple[list, FlatMoments]]] = {}
@@ -251,7 +252,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 projector = ops.svd_projector(grad, rank, side)
             else:
                 basis, gram, healthy = self._sketch(grad, rank, side, self._refresh_seed(state, side))
-                projector = refresh_ops.rayleigh_ritz(basis, gram, healthy, rank)
+                # Written the way later refreshes are (so a GPU captures their graph here, not mid-run).
+                projector = torch.full((basis.shape[0], rank), torch.nan, dtype=grad.dtype, device=grad.device)
+                self._write_projector(projector, basis, refresh_ops.ritz_vectors(gram, healthy), healthy, rank)
                 if not bool(torch.isfinite(projector).all()):  # a first projector only
                     projector = ops.svd_projector(grad, rank, side)
             # Kept in the gradient's dtype (bf16 for bf16 weights, as GaLore does): half the bytes of
@@ -295,10 +298,31 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 continue
             basis, gram, healthy = (state.pop(f"pending_{side}_{name}") for name in PENDING)
             kept = state[side]
-            projector = refresh_ops.rayleigh_ritz(basis, gram, healthy, group["rank"]).to(kept.dtype)
+            vectors = refresh_ops.ritz_vectors(gram, healthy)
             if before_write is not None:
-                torch.cuda.current_stream(kept.device).wait_event(before_write)
-            kept.copy_(torch.where(torch.isfinite(projector).all(), projector, kept))
+                stream = torch.cuda.current_stream(kept.device)
+                for tensor in (basis, gram, healthy):  # a loaded state's were made on another stream
+                    tensor.record_stream(stream)
+                stream.wait_event(before_write)
+            self._write_projector(kept, basis, vectors, healthy, group["rank"])
+
+    def _graphable(self, tensor: torch.Tensor) -> bool:
+        return self.cuda_graph and tensor.is_cuda and not torch.compiler.is_compiling() and \
+            not torch.cuda.is_current_stream_capturing()
+
+    def _write_projector(self, kept: torch.Tensor, basis: torch.Tensor, vectors: torch.Tensor,
+                         healthy: torch.Tensor, rank: int) -> None:
+        """`ops.refresh.write_ritz_projector`; on a GPU from a graph per shape (same kernels, same bits:
+        three copies, a replay and a select instead of a dozen launches)."""
+        if not self._graphable(kept):
+            refresh_ops.write_ritz_projector(kept, basis, vectors, healthy, rank)
+            return
+        key = (tuple(basis.shape), basis.dtype, tuple(vectors.shape), rank, kept.dtype, kept.device)
+        graph = self._finish_graphs.get(key)
+        if graph is None:
+            graph = self._finish_graphs[key] = FinishGraph(
+                basis, vectors, healthy, rank, kept.dtype, self._side_stream("capture", kept.device))
+        graph.run(kept, basis, vectors, healthy)
 
     def _sketch(self, grad: torch.Tensor, rank: int, side: str, seed: int) -> tuple:
         """`ops.refresh.sketch` of `grad` with the random inputs of `seed`: (basis, gram, healthy). On a GPU
@@ -306,8 +330,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         hundred); its outputs are then valid until the next sketch of that shape."""
         g = refresh_ops.oriented(grad, side)
         k = refresh_ops.sketch_size(g.shape, rank, OVERSAMPLE)
-        if not (self.cuda_graph and grad.is_cuda) or torch.compiler.is_compiling() or \
-                torch.cuda.is_current_stream_capturing():
+        if not self._graphable(grad):
             return refresh_ops.sketch(g, *refresh_ops.sketch_inputs(g, k, seed), POWER_ITERS)
         key = (tuple(grad.shape), grad.dtype, side, k, grad.device)
         graph = self._sketch_graphs.get(key)

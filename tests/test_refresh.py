@@ -243,3 +243,25 @@ def test_sketch_inputs_into_buffers_are_the_same_draws(dtype):
     assert all(a is b for a, b in zip(filled, buffers))
     for a, b in zip(fresh, filled):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("healthy", [True, False])
+def test_write_ritz_projector_writes_the_rayleigh_ritz_projector_or_keeps_the_old_one(healthy):
+    """The optimizer's finish (eigendecomposition, then a capturable write) is `rayleigh_ritz`, written in
+    place only when it is finite."""
+    grad = torch.randn(37, 23, device=DEVICE)
+    g = ops.refresh.oriented(grad, "left")
+    k = ops.refresh.sketch_size(g.shape, 5, OVERSAMPLE)
+    basis, gram, ok = ops.refresh.sketch(g, *ops.refresh.sketch_inputs(g, k, 7), POWER_ITERS)
+    ok = ok & healthy
+    kept = torch.randn(37, 5, device=DEVICE).to(torch.bfloat16)
+    old = kept.clone()
+    vectors = ops.refresh.ritz_vectors(gram, ok)
+    ops.refresh.write_ritz_projector(kept, basis, vectors, ok, 5)
+    expected = ops.refresh.rayleigh_ritz(basis, gram, ok, 5).to(torch.bfloat16)
+    if healthy:
+        assert torch.equal(kept, expected)
+        assert_orthonormal(kept.double(), 2e-2)
+    else:
+        assert bool(torch.isnan(expected).all())
+        assert torch.equal(kept, old)

@@ -115,13 +115,39 @@ def sketch(g: torch.Tensor, omega: torch.Tensor, noise_rows: torch.Tensor, noise
     return basis, gram, healthy
 
 
-def rayleigh_ritz(basis: torch.Tensor, gram: torch.Tensor, healthy: torch.Tensor, rank: int) -> torch.Tensor:
-    """The top `rank` directions inside `basis` (the projector), all NaN when the sketch broke down."""
+def ritz_vectors(gram: torch.Tensor, healthy: torch.Tensor) -> torch.Tensor:
+    """The eigenvectors (ascending eigenvalues) of the sketch's Gram matrix: the Rayleigh-Ritz step's one
+    factorisation, and on a GPU the refresh's one host synchronisation (cuSOLVER checks its result)."""
     # float64: twice as fast as float32 on a GPU at k ~ 136 (cuSOLVER), and exact enough for any input.
     # A broken sketch is zeroed rather than passed on: eigh raises on NaN.
-    _, vectors = torch.linalg.eigh(torch.where(healthy, gram, 0.0))  # ascending eigenvalues
+    return torch.linalg.eigh(torch.where(healthy, gram, 0.0))[1]
+
+
+def ritz_projector(basis: torch.Tensor, vectors: torch.Tensor, healthy: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top `rank` directions inside `basis` from `ritz_vectors`, all NaN when the sketch broke down;
+    no host synchronisation."""
     top = vectors.flip(1)[:, :rank].to(basis.dtype)
     return torch.where(healthy, basis @ top, torch.nan)
+
+
+def rayleigh_ritz(basis: torch.Tensor, gram: torch.Tensor, healthy: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top `rank` directions inside `basis` (the projector), all NaN when the sketch broke down."""
+    return ritz_projector(basis, ritz_vectors(gram, healthy), healthy, rank)
+
+
+def ritz_candidate(basis: torch.Tensor, vectors: torch.Tensor, healthy: torch.Tensor, rank: int,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ritz_projector` in `dtype`, and whether all of it is finite (a 0-d bool); capturable."""
+    projector = ritz_projector(basis, vectors, healthy, rank).to(dtype)
+    return projector, torch.isfinite(projector).all()
+
+
+def write_ritz_projector(kept: torch.Tensor, basis: torch.Tensor, vectors: torch.Tensor, healthy: torch.Tensor,
+                         rank: int) -> None:
+    """`ritz_projector` written into the projector `kept` in place, unless it is not finite (a non-finite
+    gradient, a broken-down sketch: `kept` stays), decided on the device: no host synchronisation."""
+    projector, finite = ritz_candidate(basis, vectors, healthy, rank, kept.dtype)
+    torch.where(finite, projector, kept, out=kept)
 
 
 @op("randomized_projector")
