@@ -87,6 +87,21 @@ def _adapter_row_norm(size: BandwidthSizes, device) -> Case:
     )
 
 
+def _adapter_weight(size: BandwidthSizes, device) -> Case:
+    """The adapter layer's weight pass (its forward's one kernel): W0 read, W written, n and W' A^T."""
+    base = _randn((size.out, size.hidden), device, torch.bfloat16)
+    lora_A = _randn((size.adapter_rank, size.hidden), device, torch.bfloat16) * 0.02
+    lora_B = _randn((size.out, size.adapter_rank), device, torch.bfloat16) * 0.01
+    magnitude = torch.rand(size.out, device=device, dtype=torch.bfloat16) + 0.5
+    scaling = 2.0
+    inputs = [base, lora_A, lora_B, magnitude]
+    outputs = list(ops.adapter_weight(*(t.to("meta") for t in inputs), scaling))
+    return Case(
+        "adapter_weight", f"W0 {size.out}x{size.hidden} bf16, r={size.adapter_rank}",
+        lambda: ops.adapter_weight(base, lora_A, lora_B, magnitude, scaling), inputs, outputs,
+    )
+
+
 def _norm_coefficients(size: BandwidthSizes, device) -> Case:
     grad_out = _randn((size.tokens, size.hidden), device, torch.bfloat16)
     out = _randn((size.tokens, size.hidden), device, torch.bfloat16)
@@ -151,6 +166,7 @@ def cases(size: BandwidthSizes, device) -> list[tuple[str, Callable[[], Case]]]:
     found = [
         ("row_norm", lambda: _row_norm(size, device)),
         ("adapter_row_norm", lambda: _adapter_row_norm(size, device)),
+        ("adapter_weight", lambda: _adapter_weight(size, device)),
         ("norm_coefficients", lambda: _norm_coefficients(size, device)),
         ("project_back_update", lambda: _project_back(size, device)),
     ]
