@@ -158,7 +158,7 @@ def trace(optimizer, fresh, steps: int = 40) -> None:
         start = min(e.time_range.start for e in kernels)
         print(f"  {kind} step {ms:.2f} ms: {len(kernels)} GPU events")
         for e in sorted(kernels, key=lambda e: e.time_range.start):
-            print(f"    stream {getattr(e, 'device_resource_id', '?'):>3} +{e.time_range.start - start:8.1f} us "
+            print(f"    stream {e.device_resource_id:>3} +{e.time_range.start - start:8.1f} us "
                   f"{e.time_range.elapsed_us():8.1f} us  {e.name[:70]}")
         syncs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU and
                  any(w in e.name for w in ("Synchronize", "item", "local_scalar", "eigh", "cudaMemcpy"))]

@@ -23,6 +23,24 @@ GRAPHS_KEPT = 4
 CAPTURES_BEFORE_GIVING_UP = 8
 
 
+def capture(fn: Callable[[], object], device: torch.device, stream: torch.cuda.Stream, pool=None):
+    """`(graph, fn())`: a CUDA graph of `fn` (which it does not run), captured on the side `stream` ordered
+    after the current one and before what follows it, without `torch.cuda.graph`'s device synchronisation,
+    gc.collect() and empty_cache(): they cost tens of milliseconds in a large process, and the capture
+    records kernels on its own stream only."""
+    graph = torch.cuda.CUDAGraph()
+    current = torch.cuda.current_stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool)
+        try:
+            outputs = fn()
+        finally:
+            graph.capture_end()
+    current.wait_stream(stream)
+    return graph, outputs
+
+
 class StepGraph:
     """`run(lr)` captured once, with `lr` a device scalar; `replay(lr)` runs it for a new lr."""
 
@@ -30,19 +48,7 @@ class StepGraph:
                  pool=None) -> None:
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
         self.last_lr = None
-        self.graph = torch.cuda.CUDAGraph()
-        # Captured on a side stream ordered after the current one, without `torch.cuda.graph`'s device
-        # synchronisation, gc.collect() and empty_cache(): they cost tens of milliseconds in a large process,
-        # and the capture records kernels on its own stream only.
-        current = torch.cuda.current_stream(device)
-        stream.wait_stream(current)
-        with torch.cuda.stream(stream):
-            self.graph.capture_begin(pool=pool)
-            try:
-                run(self.lr)
-            finally:
-                self.graph.capture_end()
-        current.wait_stream(stream)
+        self.graph, _ = capture(lambda: run(self.lr), device, stream, pool)
 
     def replay(self, lr: float) -> None:
         # Stream-ordered after the previous replay: a host-side (pinned) scalar could be overwritten
@@ -120,17 +126,8 @@ class SketchGraph:
             self.graph.replay()
             return self.outputs
         eager = refresh.sketch(g, *self.inputs, self.power_iters)
-        graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(self.grad.device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            graph.capture_begin()
-            try:
-                self.outputs = refresh.sketch(g, *self.inputs, self.power_iters)
-            finally:
-                graph.capture_end()
-        current.wait_stream(self.stream)
-        self.graph = graph
+        self.graph, self.outputs = capture(lambda: refresh.sketch(g, *self.inputs, self.power_iters),
+                                           self.grad.device, self.stream)
         return eager
 
 
@@ -157,15 +154,6 @@ class FinishGraph:
             projector, finite = self.outputs
         else:
             projector, finite = refresh.ritz_candidate(*self.inputs, self.rank, self.dtype)
-            graph = torch.cuda.CUDAGraph()
-            current = torch.cuda.current_stream(kept.device)
-            self.stream.wait_stream(current)
-            with torch.cuda.stream(self.stream):
-                graph.capture_begin()
-                try:
-                    self.outputs = refresh.ritz_candidate(*self.inputs, self.rank, self.dtype)
-                finally:
-                    graph.capture_end()
-            current.wait_stream(self.stream)
-            self.graph = graph
+            self.graph, self.outputs = capture(lambda: refresh.ritz_candidate(*self.inputs, self.rank, self.dtype),
+                                               kept.device, self.stream)
         torch.where(finite, projector, kept, out=kept)
