@@ -2,16 +2,21 @@
 GPU kernels (torch.profiler) and the host side alone (wall time of `step()` while the GPU is kept busy,
 and cProfile's functions by own time).
 
-    python bench/profile_optimizer.py [--rank 128] [--rows 25]
+    python bench/profile_optimizer.py [--rank 128] [--rows 25] [--host-parts]
+
+--host-parts: instead, the host time of each part of a graphed step before and including its replay (the
+part the benchmark's step time holds before the GPU starts), with the GPU kept busy.
 """
 
 import argparse
+import functools
+import time
 
 import torch
 
 from profiling import profile_call
 
-from gradnormlorp_kernels import GradNormLoRPAdamW
+from gradnormlorp_kernels import GradNormLoRPAdamW, _step_graph
 from gradnormlorp_kernels.benchmarks.optimizer import SIZES, weight_shapes
 
 
@@ -19,6 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--host-parts", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda")
     params = [torch.nn.Parameter(torch.randn(shape, device=device, dtype=torch.bfloat16) * 0.02)
@@ -32,7 +38,43 @@ def main() -> None:
             p.grad = g
         optimizer.step()
 
-    profile_call(step, "step", args.rows)
+    if args.host_parts:
+        report_host_parts(optimizer, step)
+    else:
+        profile_call(step, "step", args.rows)
+
+
+def report_host_parts(optimizer, step, steps: int = 50) -> None:
+    """Median host microseconds of each timed part per step (the optimizer's own methods wrapped on the
+    instance, the graph replay on its class), while a sleep kernel keeps the GPU busy."""
+    spent: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent.setdefault(name, []).append(time.perf_counter() - start)
+        return wrapper
+
+    for name in ("_graph_states", "_flat_moments", "_graph_key", "_advance_projected", "_step_group_graphed"):
+        setattr(optimizer, name, timed(name, getattr(optimizer, name)))
+    _step_graph.StepGraph.replay = timed("StepGraph.replay", _step_graph.StepGraph.replay)
+    torch.cuda.CUDAGraph.replay = timed("CUDAGraph.replay", torch.cuda.CUDAGraph.replay)
+    timed_step = timed("step", step)
+    for _ in range(5):
+        step()
+    spent.clear()
+    for _ in range(steps):
+        torch.cuda._sleep(50_000_000)
+        timed_step()
+        torch.cuda.synchronize()
+    for name, times in spent.items():
+        calls = max(1, len(times) // steps)
+        per_step = sorted(sum(times[i * calls:(i + 1) * calls]) for i in range(steps))
+        print(f"{name:24} median {1e6 * per_step[len(per_step) // 2]:8.1f} us per step ({calls} calls)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ before. A layout is rebuilt (states copied in) whenever an entry is no longer it
 from __future__ import annotations
 
 import itertools
+import operator
 
 import torch
 
@@ -38,7 +39,11 @@ class FlatMoments:
         self.absmax_exp_avg_sq = torch.zeros(blocks, dtype=torch.float32, device=device) if self.quantized else None
         self.step = torch.empty(len(states), dtype=torch.float32, device=device)
         self.skipped = torch.empty(len(states), dtype=torch.float32, device=device)
-        self._views: list[dict] = []
+        # What `holds` compares, flat: each entry's state dict, key and view.
+        self._states: list[dict] = list(states)
+        self._entry_states: list[dict] = []
+        self._entry_keys: list[str] = []
+        self._entry_views: list[torch.Tensor] = []
         for index, (state, (start, numel)) in enumerate(zip(states, self.spans)):
             block = start // BLOCK_SIZE
             views = {
@@ -54,13 +59,15 @@ class FlatMoments:
             for key, view in views.items():
                 view.copy_(state[key].reshape(view.shape))
                 state[key] = view.view(state[key].shape)
-            self._views.append({key: state[key] for key in views})
+                self._entry_states.append(state)
+                self._entry_keys.append(key)
+                self._entry_views.append(state[key])
 
     def holds(self, states: list[dict]) -> bool:
-        """Whether every state entry is still this layout's view (identity: cheap, and exact)."""
-        return len(states) == len(self._views) and all(
-            state.get(key) is view for state, views in zip(states, self._views) for key, view in views.items()
-        )
+        """Whether `states` are this layout's, in order, and every entry is still its view (identity: exact,
+        and cheap: the optimizer asks at every step, before the step's launch)."""
+        return (len(states) == len(self._states) and all(map(operator.is_, states, self._states))
+                and all(map(operator.is_, map(dict.get, self._entry_states, self._entry_keys), self._entry_views)))
 
     def update(self, grad: torch.Tensor, code_signed, code_unsigned, beta1: float, beta2: float, eps: float,
                scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

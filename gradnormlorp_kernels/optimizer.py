@@ -351,15 +351,14 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         both phases run beside a step's update, so that no step waits for a refresh."""
         calls = state["calls"]
         state["calls"] += 1
-        left, right = self._sides(group, p.shape)
         if "left" not in state and "right" not in state:
-            if not self._refresh(p, grad, group, state, left, right):
+            if not self._refresh(p, grad, group, state, *self._sides(group, p.shape)):
                 state["skipped"].add_(1)
                 return False, False
             return True, False
         due = calls > 0 and (calls + state["phase"]) % group["update_proj_gap"] == 0
         if due and group["refresh"] == "svd":
-            self._refresh(p, grad, group, state, left, right)
+            self._refresh(p, grad, group, state, *self._sides(group, p.shape))
             return True, False
         return True, due
 
@@ -519,54 +518,71 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
-            states = self._graph_states(index, params)
-            if states is not None:
-                self._step_group_graphed(index, group, params, states)
+            graphed = self._graph_states(index, params)
+            if graphed is not None:
+                self._step_group_graphed(index, group, params, *graphed)
             else:
                 for p in params:
                     self.step_parameter(p, p.grad, group)
         return loss
 
-    def _graph_states(self, index: int, params: list) -> list[dict] | None:
-        """The group's states when its step can replay a graph: on the GPU, past the first step (states
-        exist), outside another capture or compilation, and not given up on; else None."""
-        if not (self.cuda_graph and params) or (index in self._graphs and self._graphs[index].given_up):
+    def _graph_states(self, index: int, params: list) -> tuple[list[dict], list[torch.Tensor]] | None:
+        """(states, gradients) of the group when its step can replay a graph: on the GPU, past the first step
+        (states exist), outside another capture or compilation, and not given up on; else None. A gradient
+        that does not match its parameter raises, as on the per-matrix path.
+
+        Everything here and up to the replay runs before the step's first kernel, at every step: each
+        parameter's attributes are read once."""
+        if not (self.cuda_graph and params and params[0].is_cuda) or \
+                (index in self._graphs and self._graphs[index].given_up):
             return None
-        states = [self.state[p] for p in params]
-        for p, state in zip(params, states):
-            if not p.is_cuda or "exp_avg" not in state or p.grad.is_sparse:
-                return None
         if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
             return None
-        return states
+        states, grads = [], []
+        for p in params:
+            state, grad = self.state[p], p.grad
+            if not p.is_cuda or "exp_avg" not in state or grad.is_sparse:
+                return None
+            if grad.shape != p.shape or grad.device != p.device:
+                self._check_grad(p, grad)
+            states.append(state)
+            grads.append(grad)
+        return states, grads
 
-    def _graph_key(self, group: dict, params: list, states: list, flat: list | None = None) -> tuple:
+    def _graph_key(self, group: dict, params: list, states: list, grads: list, flat: list | None = None) -> tuple:
         """Everything a captured step depends on besides lr: tensor addresses and layouts, the settings.
-        Moments held by flat layouts are named by their serials (they do not move while held)."""
+        Moments held by flat layouts are named by their serials (they do not move while held); their
+        gradients share one dtype, and a contiguous gradient's strides follow from its (checked) shape."""
         key: list = [_dispatch.current_preference(), group["project"], tuple(group["betas"]), group["eps"],
-                     group["weight_decay"], group["scale"], group["proj_type"], group["state_bits"],
-                     None if flat is None else tuple(layout.serial for _, layout in flat)]
-        for p, state in zip(params, states):
-            grad = p.grad
-            key.append((p.data_ptr(), grad.data_ptr(), grad.dtype, grad.stride()))
-            if flat is None:
+                     group["weight_decay"], group["scale"], group["proj_type"], group["state_bits"]]
+        if flat is None:
+            for p, grad, state in zip(params, grads, states):
+                key.append((p.data_ptr(), grad.data_ptr(), grad.dtype, grad.stride()))
                 key.extend((k, t.data_ptr(), t.dtype) for k, t in state.items()
                            if isinstance(t, torch.Tensor) and not k.startswith("pending_"))
-            else:
-                key.extend((k, state[k].data_ptr()) for k in ("left", "right") if k in state)
+            return tuple(key)
+        key.append(tuple(layout.serial for _, layout in flat))
+        key.append(grads[0].dtype)
+        key.append(tuple(map(torch.Tensor.data_ptr, params)))
+        key.append(tuple(map(torch.Tensor.data_ptr, grads)))
+        key.append(tuple(None if grad.is_contiguous() else grad.stride() for grad in grads))
+        key.append(tuple((k, state[k].data_ptr()) for state in states for k in ("left", "right") if k in state))
         return tuple(key)
 
-    def _flat_moments(self, index: int, params: list, states: list) -> list[tuple[list, FlatMoments]] | None:
+    def _flat_moments(self, index: int, params: list, states: list,
+                      grads: list) -> list[tuple[list, FlatMoments]] | None:
         """The group's matrices by moment kind (8-bit, float32), each kind's moments flat (built, states
         copied in, when the states are not its views); None when they cannot share Adam launches."""
-        if len({p.grad.dtype for p in params}) != 1 or len({p.dtype for p in params}) != 1:
+        if len({grad.dtype for grad in grads}) != 1 or len({p.dtype for p in params}) != 1:
             return None
+        layouts = self._flat.get(index, [])
+        if len(layouts) == 1 and layouts[0][1].holds(states):  # one kind of moments, as built: the usual case
+            return layouts
         kinds: dict[bool, tuple[list, list]] = {}
         for p, state in zip(params, states):
             members, member_states = kinds.setdefault("absmax_exp_avg" in state, ([], []))
             members.append(p)
             member_states.append(state)
-        layouts = self._flat.get(index, [])
         if len(layouts) == len(kinds) and all(
                 flat.holds(kinds.get(flat.quantized, ([], []))[1]) for _, flat in layouts):
             return layouts
@@ -577,18 +593,16 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         self._flat[index] = layouts
         return layouts
 
-    def _step_group_graphed(self, index: int, group: dict, params: list, states: list) -> None:
-        for p in params:
-            self._check_grad(p, p.grad)
+    def _step_group_graphed(self, index: int, group: dict, params: list, states: list, grads: list) -> None:
         refresh_after, finishing = [], []
         flat = None
         if group["project"]:
-            for p, state in zip(params, states):  # every matrix has its projector here: none is skipped
+            for p, grad, state in zip(params, grads, states):  # every matrix has its projector here: none is skipped
                 if self._pending(state):
                     finishing.append(p)
-                if self._advance_projected(p, p.grad, group, state)[1]:
+                if self._advance_projected(p, grad, group, state)[1]:
                     refresh_after.append(p)
-            flat = self._flat_moments(index, params, states)
+            flat = self._flat_moments(index, params, states, grads)
 
             def update_all(lr):
                 if flat is not None:
@@ -605,7 +619,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         grads_ready.record(torch.cuda.current_stream(params[0].device))
         graphs = self._graphs.setdefault(index, GroupGraphs())
         try:
-            graphs.run(self._graph_key(group, params, states, flat), update_all, params[0].device, group["lr"])
+            graphs.run(self._graph_key(group, params, states, grads, flat), update_all, params[0].device, group["lr"])
         except RuntimeError as exc:  # capture is an optimisation (and runs nothing): launch one by one instead
             logger.warning("GradNormLoRPAdamW: CUDA graph capture failed (%s); stepping without graphs", exc)
             graphs.give_up()
