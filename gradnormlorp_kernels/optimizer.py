@@ -617,7 +617,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                     self._update_plain(p, p.grad, group, self.state[p], lr)
         grads_ready = torch.cuda.Event()
         grads_ready.record(torch.cuda.current_stream(params[0].device))
-        graphs = self._graphs.setdefault(index, GroupGraphs())
+        graphs = self._graphs.get(index) or self._graphs.setdefault(index, GroupGraphs())
         try:
             graphs.run(self._graph_key(group, params, states, grads, flat), update_all, params[0].device, group["lr"])
         except RuntimeError as exc:  # capture is an optimisation (and runs nothing): launch one by one instead
