@@ -533,10 +533,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
 
         Everything here and up to the replay runs before the step's first kernel, at every step: each
         parameter's attributes are read once."""
-        if not (self.cuda_graph and params and params[0].is_cuda) or \
-                (index in self._graphs and self._graphs[index].given_up):
-            return None
-        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        if not (params and self._graphable(params[0])) or (index in self._graphs and self._graphs[index].given_up):
             return None
         states, grads = [], []
         for p in params:
