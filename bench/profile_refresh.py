@@ -1,11 +1,11 @@
 """What a subspace refresh costs on the GPU, and which of its pieces synchronise with the host; then the
-optimizer benchmark's window step by step, each step labelled with what it did (a refresh's sketch, a
-refresh's finish, a graph capture).
+optimizer benchmark's window step by step, each step labelled with what it did (a refresh's sketch begun,
+a later part of a spread sketch, a refresh's finish, a graph capture).
 
     python bench/profile_refresh.py [--rank 128] [--window-only] [--trace]
 
-`--trace` then steps on past the window to the next sketch and finish steps and prints their kernels per
-CUDA stream (start, duration), to show what overlaps the step's replay and what waits.
+`--trace` then steps on past the window to the next step of each kind and prints their kernels per CUDA
+stream (start, duration), to show what overlaps the step's replay and what waits.
 """
 
 import argparse
@@ -92,6 +92,28 @@ def projectors(rank: int) -> None:
               f"syncs: {synchronises(fn)}")
 
 
+def _captured_sketch_parts(optimizer) -> int:
+    return sum(g is not None for slots in optimizer._sketch_graphs.values() for slot in slots for g in slot.graphs)
+
+
+def _refresh_phases(optimizer) -> tuple[int, int, int]:
+    """(refreshes begun so far, sketches in progress, refreshes this step will finish), read before a step."""
+    states = [s for s in optimizer.state.values() if "calls" in s]
+    return (sum(s["refreshes"] for s in states), len(optimizer._sketching),
+            sum(optimizer._finishing(s) for s in states))
+
+
+def _label(before: tuple, after: tuple) -> list[str]:
+    what = []
+    if before[2]:
+        what.append("finish")
+    if before[1]:
+        what.append("part")
+    if after[0] > before[0]:
+        what.append("sketch")
+    return what
+
+
 def window(rank: int):
     """The optimizer benchmark's window, step by step, with what each step did."""
     size = SIZES["full"]
@@ -109,26 +131,21 @@ def window(rank: int):
     labelled = []
     for _ in range(size.gap + 1):
         fresh()
-        refreshes = sum(s["refreshes"] for s in optimizer.state.values()) if optimizer.state else 0
-        pending = sum(optimizer._pending(s) for s in optimizer.state.values())
+        phases = _refresh_phases(optimizer)
         captures = sum(g.captures for g in optimizer._graphs.values())
-        sketch_graphs = sum(g.graph is not None for g in optimizer._sketch_graphs.values())
+        sketch_parts = _captured_sketch_parts(optimizer)
         ms = _timing.time_once(optimizer.step, device)
-        what = []
-        if sum(optimizer._pending(s) for s in optimizer.state.values()) < pending:
-            what.append("finish")
-        if optimizer.state and sum(s["refreshes"] for s in optimizer.state.values()) > refreshes:
-            what.append("sketch")
+        what = _label(phases, _refresh_phases(optimizer))
         if sum(g.captures for g in optimizer._graphs.values()) > captures:
             what.append("capture")
-        if sum(g.graph is not None for g in optimizer._sketch_graphs.values()) > sketch_graphs:
+        if _captured_sketch_parts(optimizer) > sketch_parts:
             what.append("sketch-capture")
         labelled.append((ms, "+".join(what) or "plain"))
     steps = labelled[1:]
     slowest = sorted(range(len(steps)), key=lambda i: -steps[i][0])[:8]
     print("  slowest steps: " + ", ".join(f"#{i + 1} {steps[i][0]:.2f} ms {steps[i][1]}" for i in slowest))
     print(f"  first step {labelled[0][0]:.2f} ms")
-    for kind in ("plain", "sketch", "finish", "finish+sketch", "capture", "sketch+capture", "finish+capture"):
+    for kind in sorted({what for _, what in steps}):
         times = sorted(ms for ms, what in steps if what == kind)
         if times:
             print(f"  {kind:16s} n={len(times):3d} median {statistics.median(times):7.2f} ms  max {times[-1]:7.2f} ms")
@@ -138,19 +155,17 @@ def window(rank: int):
 
 
 def trace(optimizer, fresh, steps: int = 40) -> None:
-    """The next sketch step and the next finish step after the window, kernels by stream."""
+    """The next step of each kind (sketch, part, finish) after the window, kernels by stream."""
     from torch.profiler import ProfilerActivity, profile
 
     shown = set()
     for _ in range(steps):
         fresh()
-        pending = sum(optimizer._pending(s) for s in optimizer.state.values())
-        refreshes = sum(s["refreshes"] for s in optimizer.state.values())
+        phases = _refresh_phases(optimizer)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             ms = _timing.time_once(optimizer.step, torch.device("cuda"))
-        kind = ("finish" if sum(optimizer._pending(s) for s in optimizer.state.values()) < pending else "") + \
-            ("sketch" if sum(s["refreshes"] for s in optimizer.state.values()) > refreshes else "")
+        kind = "+".join(_label(phases, _refresh_phases(optimizer)))
         if not kind or kind in shown:
             continue
         shown.add(kind)
@@ -164,7 +179,7 @@ def trace(optimizer, fresh, steps: int = 40) -> None:
                  any(w in e.name for w in ("Synchronize", "item", "local_scalar", "eigh", "cudaMemcpy"))]
         for e in syncs[:20]:
             print(f"    host {e.name[:50]:50s} {e.time_range.elapsed_us():8.1f} us")
-        if len(shown) == 2:
+        if len(shown) == 3:
             return
 
 

@@ -23,12 +23,16 @@ GRAPHS_KEPT = 4
 CAPTURES_BEFORE_GIVING_UP = 8
 
 
-def capture(fn: Callable[[], object], device: torch.device, stream: torch.cuda.Stream, pool=None):
+def capture(fn: Callable[[], object], device: torch.device, stream: torch.cuda.Stream, pool=None,
+            generators: tuple = ()):
     """`(graph, fn())`: a CUDA graph of `fn` (which it does not run), captured on the side `stream` ordered
     after the current one and before what follows it, without `torch.cuda.graph`'s device synchronisation,
     gc.collect() and empty_cache(): they cost tens of milliseconds in a large process, and the capture
-    records kernels on its own stream only."""
+    records kernels on its own stream only. `generators`: the ones `fn` draws from (each replay reads their
+    seed and offset as they stand then)."""
     graph = torch.cuda.CUDAGraph()
+    for generator in generators:
+        graph.register_generator_state(generator)
     current = torch.cuda.current_stream(device)
     stream.wait_stream(current)
     with torch.cuda.stream(stream):
@@ -96,12 +100,58 @@ class GroupGraphs:
         graph.replay(lr)
 
 
-class SketchGraph:
-    """The host-synchronisation-free part of a randomized refresh (`ops.refresh.sketch`: the products,
-    power iterations and Cholesky-QR passes, about a hundred small launches) for one gradient shape,
-    dtype and side, captured once and replayed; the k x k eigendecomposition, which checks its result on
-    the host, stays outside. The gradient and the random inputs are copied into static buffers (a
-    gradient-sized copy per shape: cheaper than a graph per gradient address)."""
+class _PartedSketch:
+    """A randomized refresh's sketch (`ops.refresh.sketch_part` after part): `advance()` launches the next
+    part (subclasses), `busy` until the last has run."""
+
+    part: int
+    parts: int
+
+    def advance(self) -> tuple | None:
+        raise NotImplementedError
+
+    @property
+    def busy(self) -> bool:
+        return self.part < self.parts
+
+    def cancel(self) -> None:
+        self.part = self.parts
+
+    def complete(self) -> tuple:
+        """Every part that remains; the sketch's (basis, gram, healthy)."""
+        while (sketched := self.advance()) is None:
+            pass
+        return sketched
+
+
+class SketchRun(_PartedSketch):
+    """A sketch run part by part without graphs (off the GPU, or with `cuda_graph=False`). `keep_grad`: the
+    gradient is copied, for parts that run at later steps (after the caller may have changed it)."""
+
+    def __init__(self, grad: torch.Tensor, side: str, k: int, power_iters: int, seed: int, keep_grad: bool) -> None:
+        self.grad = grad.clone(memory_format=torch.contiguous_format) if keep_grad else grad
+        self.g = refresh.oriented(self.grad, side)
+        self.inputs = refresh.sketch_inputs(self.g, k, seed)
+        self.power_iters = power_iters
+        self.parts = refresh.sketch_parts(power_iters)
+        self.part = 0
+        self.carry: tuple | None = None
+
+    def advance(self) -> tuple | None:
+        """The next part; after the last, the sketch's (basis, gram, healthy), else None."""
+        self.carry = refresh.sketch_part(self.part, self.g, *self.inputs, self.power_iters, self.carry)
+        self.part += 1
+        return self.carry if self.part == self.parts else None
+
+
+class SketchGraph(_PartedSketch):
+    """`SketchRun` for one gradient shape, dtype and side, each part captured once and replayed: the random
+    draws, products, power iterations and Cholesky-QR passes, about a hundred small launches; the k x k
+    eigendecomposition, which checks its result on the host, stays outside. The gradient is copied into a
+    static buffer (a gradient-sized copy per shape: cheaper than a graph per gradient address), the parts
+    pass their carry through static buffers, and the draws come from a generator registered with the first
+    part's graph and reseeded before each replay: the same draws as `sketch_inputs` of that seed. One sketch
+    at a time: `busy` from `begin` to its last part."""
 
     def __init__(self, grad: torch.Tensor, side: str, k: int, power_iters: int, stream: torch.cuda.Stream) -> None:
         self.side, self.k, self.power_iters = side, k, power_iters
@@ -111,44 +161,71 @@ class SketchGraph:
         self.inputs = (torch.empty(n, k, dtype=g.dtype, device=g.device),
                        torch.empty(m, k, dtype=torch.float64, device=g.device),
                        torch.empty(n, k, dtype=torch.float64, device=g.device))
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.carry: tuple | None = None  # made like the first carry (its layout: the next part's GEMM reads it)
+        self.generator = torch.Generator(device=g.device)
+        self.parts = refresh.sketch_parts(power_iters)
+        self.graphs: list[torch.cuda.CUDAGraph | None] = [None] * self.parts
         self.stream = stream
         self.outputs: tuple | None = None
+        self.part = self.parts
 
-    def run(self, grad: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`sketch` of `grad` with the random inputs of `seed`: (basis, gram, healthy), valid until the
-        next call. The first call runs eagerly (which also initialises the solver libraries, something a
-        capture may not do), then captures for the calls after it."""
+    def begin(self, grad: torch.Tensor, seed: int) -> None:
+        """Start a sketch of `grad` with the random inputs of `seed` (copies the gradient; runs no part)."""
         self.grad.copy_(grad)
+        self.generator.manual_seed(seed)
+        self.part = 0
+
+    def _part(self, part: int) -> tuple:
         g = refresh.oriented(self.grad, self.side)
-        refresh.sketch_inputs(g, self.k, seed, out=self.inputs)
-        if self.graph is not None:
-            self.graph.replay()
-            return self.outputs
-        eager = refresh.sketch(g, *self.inputs, self.power_iters)
-        self.graph, self.outputs = capture(lambda: refresh.sketch(g, *self.inputs, self.power_iters),
-                                           self.grad.device, self.stream)
-        return eager
+        if part == 0:
+            refresh.draw_sketch_inputs(g, self.k, self.generator, out=self.inputs)
+        result = refresh.sketch_part(part, g, *self.inputs, self.power_iters, None if part == 0 else self.carry)
+        if part + 1 < self.parts:
+            if self.carry is None:
+                self.carry = tuple(torch.empty_like(value) for value in result)
+            for buffer, value in zip(self.carry, result):
+                buffer.copy_(value)
+        return result
+
+    def advance(self) -> tuple | None:
+        """The next part; after the last, (basis, gram, healthy), valid until this graph's next sketch ends;
+        else None. A part's first run is eager (which also initialises the solver libraries, something a
+        capture may not do), then captured for the sketches after it."""
+        part = self.part
+        self.part += 1
+        last = self.part == self.parts
+        if self.graphs[part] is not None:
+            self.graphs[part].replay()
+            return self.outputs if last else None
+        eager = self._part(part)
+        self.graphs[part], captured = capture(lambda: self._part(part), self.grad.device, self.stream,
+                                              generators=(self.generator,) if part == 0 else ())
+        if last:
+            self.outputs = captured
+        return eager if last else None
 
 
 class FinishGraph:
     """The end of a randomized refresh after its eigendecomposition (`ops.refresh.write_ritz_projector`:
     the projector from the Ritz vectors, written in place unless it is not finite; a dozen small launches)
     for one shape of sketch and projector: the candidate projector and its finiteness captured once and
-    replayed from static inputs, then one in-place select into the kept projector."""
+    replayed from static inputs, then one in-place select into the kept projector. The Ritz vectors may come
+    from the host (pinned memory): copied in without blocking."""
 
     def __init__(self, basis: torch.Tensor, vectors: torch.Tensor, healthy: torch.Tensor, rank: int,
                  dtype: torch.dtype, stream: torch.cuda.Stream) -> None:
-        self.inputs = tuple(torch.empty_like(t) for t in (basis, vectors, healthy))
+        self.inputs = tuple(torch.empty_like(t, device=basis.device) for t in (basis, vectors, healthy))
         self.rank, self.dtype = rank, dtype
         self.stream = stream
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple | None = None
 
-    def run(self, kept: torch.Tensor, basis: torch.Tensor, vectors: torch.Tensor, healthy: torch.Tensor) -> None:
-        """Write the projector into `kept`. The first call runs eagerly (as SketchGraph's), then captures."""
+    def run(self, kept: torch.Tensor, basis: torch.Tensor, vectors: torch.Tensor, healthy: torch.Tensor,
+            before_write: torch.cuda.Event | None = None) -> None:
+        """Write the projector into `kept`, the current stream waiting for `before_write` (if given) first.
+        The first call runs eagerly (as SketchGraph's), then captures."""
         for buffer, value in zip(self.inputs, (basis, vectors, healthy)):
-            buffer.copy_(value)
+            buffer.copy_(value, non_blocking=True)
         if self.graph is not None:
             self.graph.replay()
             projector, finite = self.outputs
@@ -156,4 +233,6 @@ class FinishGraph:
             projector, finite = refresh.ritz_candidate(*self.inputs, self.rank, self.dtype)
             self.graph, self.outputs = capture(lambda: refresh.ritz_candidate(*self.inputs, self.rank, self.dtype),
                                                kept.device, self.stream)
+        if before_write is not None:
+            torch.cuda.current_stream(kept.device).wait_event(before_write)
         torch.where(finite, projector, kept, out=kept)

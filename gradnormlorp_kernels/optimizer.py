@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _dispatch, ops
+from . import _dispatch, _host_eigh, ops
 from ._flat_moments import FlatMoments
-from ._step_graph import FinishGraph, GroupGraphs, SketchGraph
+from ._step_graph import FinishGraph, GroupGraphs, SketchGraph, SketchRun
 from .ops import refresh as refresh_ops
 from .layer import GradNormLoRPLinear
 
@@ -25,8 +25,14 @@ MIN_QUANTIZED_NUMEL = 4096
 # Randomized refresh: extra sketch columns and power iterations (accuracy of the captured subspace).
 OVERSAMPLE = 8
 POWER_ITERS = 2
-# What a sketched refresh keeps in the state until the next step finishes it.
+# What a sketched refresh keeps in the state until a later step finishes it.
 PENDING = ("basis", "gram", "healthy")
+# Gaps from which a randomized refresh's sketch is spread over steps, one part a step (each part short
+# enough to run beside a step's update), and finished two steps after its last part (by then the host
+# has solved its eigendecomposition); with shorter gaps it is sketched at once and finished the next step.
+SPREAD_MIN_GAP = 8
+# Side streams whose work runs beside a step's replay, at a higher priority than it.
+SIDE_PRIORITY = ("sketch", "refresh")
 
 
 def _number(name: str, value, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
@@ -129,8 +135,12 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
         self.cuda_graph = cuda_graph
         self._side_streams: dict[tuple, torch.cuda.Stream] = {}
-        self._sketch_graphs: dict[tuple, SketchGraph] = {}
+        self._sketch_graphs: dict[tuple, list[SketchGraph]] = {}  # by shape: one per sketch in progress at once
+        # By id of a matrix's state: (that state, its sketches in progress by side, its group).
+        self._sketching: dict[int, tuple[dict, list, dict]] = {}
         self._finish_graphs: dict[tuple, FinishGraph] = {}
+        # By id of a pending Gram matrix: (that matrix, its eigendecomposition started on the host).
+        self._eigh_jobs: dict[int, tuple] = {}
         self._graphs: dict[int, GroupGraphs] = {}  # by group index
         # By group index: the matrices of each moment kind, whose moments one launch steps.
         self._flat: dict[int, list[tuple[list, FlatMoments]]] = {}
@@ -251,10 +261,11 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             if group["refresh"] == "svd":
                 projector = ops.svd_projector(grad, rank, side)
             else:
-                basis, gram, healthy = self._sketch(grad, rank, side, self._refresh_seed(state, side))
+                run = self._start_sketch(grad, rank, side, self._refresh_seed(state, side), spread=False)
+                basis, gram, healthy = run.complete()
                 # Written the way later refreshes are (so a GPU captures their graph here, not mid-run).
                 projector = torch.full((basis.shape[0], rank), torch.nan, dtype=grad.dtype, device=grad.device)
-                self._write_projector(projector, basis, refresh_ops.ritz_vectors(gram, healthy), healthy, rank)
+                self._write_projector(projector, basis, _host_eigh.ritz_vectors(gram, healthy), healthy, rank)
                 if not bool(torch.isfinite(projector).all()):  # a first projector only
                     projector = ops.svd_projector(grad, rank, side)
             # Kept in the gradient's dtype (bf16 for bf16 weights, as GaLore does): half the bytes of
@@ -277,67 +288,102 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     def _pending(state: dict) -> bool:
         return "pending_left_basis" in state or "pending_right_basis" in state
 
-    def _sketch_pending(self, grad: torch.Tensor, group: dict, state: dict, left: bool, right: bool) -> None:
+    def _begin_refresh(self, grad: torch.Tensor, group: dict, state: dict, left: bool, right: bool) -> None:
         """Phase one of a later randomized refresh, after this step's update: each side's sketch of this
-        gradient, kept in the state (`pending_<side>_basis`, `_gram`, `_healthy`; saved with it) for the
-        next step to finish. Launches only: no host synchronisation."""
-        for side, wanted in (("left", left), ("right", right)):
-            if wanted:
-                sketched = self._sketch(grad, group["rank"], side, self._refresh_seed(state, side))
-                for name, tensor in zip(PENDING, sketched):
-                    state[f"pending_{side}_{name}"] = tensor.clone()  # the sketch graph's outputs are reused
+        gradient (`ops.refresh.sketch`), spread over this and the next steps one part a step when the gap is
+        at least SPREAD_MIN_GAP, else all run now. A complete sketch is kept in the state
+        (`pending_<side>_basis`, `_gram`, `_healthy`; saved with it) and, on a GPU, its eigendecomposition
+        started on the host; `pending_finish_call` is the call that finishes it. Launches only: no host
+        synchronisation."""
+        spread = group["update_proj_gap"] >= SPREAD_MIN_GAP
+        call = state["calls"] - 1  # this step's: the counter has moved on
+        state["pending_finish_call"] = call + (refresh_ops.sketch_parts(POWER_ITERS) + 1 if spread else 1)
+        runs = [(side, self._start_sketch(grad, group["rank"], side, self._refresh_seed(state, side), spread))
+                for side, wanted in (("left", left), ("right", right)) if wanted]
         state["refreshes"] += 1
+        self._sketching[id(state)] = (state, runs, group)
+        self._advance_sketch(state, everything=not spread)
 
-    def _finish_pending(self, group: dict, state: dict, before_write: torch.cuda.Event | None = None) -> None:
-        """Phase two, after the next step's update: the projector from the pending sketch (the k x k
-        eigendecomposition: on a GPU the refresh's one host synchronisation), written in place; a result that
-        is not finite (a non-finite gradient, a broken-down sketch) keeps the old projector, decided on the
-        device. `before_write`: an event the current stream waits for before overwriting the projector."""
+    def _advance_sketch(self, state: dict, everything: bool = False) -> None:
+        """The next part of the matrix's sketch in progress (with `everything`, all that remain); a complete
+        sketch goes into the state."""
+        _, runs, _ = self._sketching[id(state)]
+        for side, run in runs:
+            sketched = run.complete() if everything else run.advance()
+            if sketched is not None:
+                for name, tensor in zip(PENDING, sketched):
+                    state[f"pending_{side}_{name}"] = tensor.clone()  # a sketch graph's outputs are reused
+                gram, healthy = state[f"pending_{side}_gram"], state[f"pending_{side}_healthy"]
+                if _host_eigh.on_host(gram):
+                    self._eigh_jobs[id(gram)] = (gram, _host_eigh.start(gram, healthy))
+        if not any(run.busy for _, run in runs):
+            del self._sketching[id(state)]
+
+    def _finishing(self, state: dict) -> bool:
+        """Whether this call (read before its counter moves) finishes the matrix's pending refresh."""
+        return self._pending(state) and state.get("pending_finish_call", state["calls"]) <= state["calls"]
+
+    def _take_pending(self, state: dict) -> list[tuple]:
+        """The matrix's pending sketches, removed from its state: (side, basis, gram, healthy, the host
+        eigendecomposition started for that gram or None) for each side."""
+        taken = []
+        state.pop("pending_finish_call", None)
         for side in ("left", "right"):
-            if f"pending_{side}_basis" not in state:
-                continue
-            basis, gram, healthy = (state.pop(f"pending_{side}_{name}") for name in PENDING)
-            kept = state[side]
-            vectors = refresh_ops.ritz_vectors(gram, healthy)
+            if f"pending_{side}_basis" in state:
+                basis, gram, healthy = (state.pop(f"pending_{side}_{name}") for name in PENDING)
+                started = self._eigh_jobs.pop(id(gram), None)
+                taken.append((side, basis, gram, healthy, started[1] if started and started[0] is gram else None))
+        return taken
+
+    def _finish_pending(self, group: dict, state: dict, taken: list,
+                        before_write: torch.cuda.Event | None = None) -> None:
+        """Phase two, after its finishing step's update: the projector from the pending sketch (`taken` from
+        the state; the k x k eigendecomposition, on a GPU usually solved on the host since the sketch), written
+        in place; a result that is not finite (a non-finite gradient, a broken-down sketch) keeps the old
+        projector, decided on the device. `before_write`: an event the current stream waits for before
+        overwriting the projector."""
+        for side, basis, gram, healthy, job in taken:
+            vectors = _host_eigh.ritz_vectors(gram, healthy, job)
             if before_write is not None:
-                stream = torch.cuda.current_stream(kept.device)
+                stream = torch.cuda.current_stream(basis.device)
                 for tensor in (basis, gram, healthy):  # a loaded state's were made on another stream
                     tensor.record_stream(stream)
-                stream.wait_event(before_write)
-            self._write_projector(kept, basis, vectors, healthy, group["rank"])
+            self._write_projector(state[side], basis, vectors, healthy, group["rank"], before_write)
 
     def _graphable(self, tensor: torch.Tensor) -> bool:
         return self.cuda_graph and tensor.is_cuda and not torch.compiler.is_compiling() and \
             not torch.cuda.is_current_stream_capturing()
 
     def _write_projector(self, kept: torch.Tensor, basis: torch.Tensor, vectors: torch.Tensor,
-                         healthy: torch.Tensor, rank: int) -> None:
-        """`ops.refresh.write_ritz_projector`; on a GPU from a graph per shape (same kernels, same bits:
-        three copies, a replay and a select instead of a dozen launches)."""
+                         healthy: torch.Tensor, rank: int, before_write: torch.cuda.Event | None = None) -> None:
+        """`ops.refresh.write_ritz_projector`, the current stream waiting for `before_write` (if given) only
+        before it writes `kept`; on a GPU from a graph per shape (same kernels, same bits: three copies, a
+        replay and a select instead of a dozen launches)."""
         if not self._graphable(kept):
-            refresh_ops.write_ritz_projector(kept, basis, vectors, healthy, rank)
+            refresh_ops.write_ritz_projector(kept, basis, vectors, healthy, rank, before_write)
             return
         key = (tuple(basis.shape), basis.dtype, tuple(vectors.shape), rank, kept.dtype, kept.device)
         graph = self._finish_graphs.get(key)
         if graph is None:
             graph = self._finish_graphs[key] = FinishGraph(
                 basis, vectors, healthy, rank, kept.dtype, self._side_stream("capture", kept.device))
-        graph.run(kept, basis, vectors, healthy)
+        graph.run(kept, basis, vectors, healthy, before_write)
 
-    def _sketch(self, grad: torch.Tensor, rank: int, side: str, seed: int) -> tuple:
-        """`ops.refresh.sketch` of `grad` with the random inputs of `seed`: (basis, gram, healthy). On a GPU
-        replayed from a CUDA graph per gradient shape (same kernels, same bits; a few launches instead of a
-        hundred); its outputs are then valid until the next sketch of that shape."""
+    def _start_sketch(self, grad: torch.Tensor, rank: int, side: str, seed: int, spread: bool):
+        """A sketch of `grad` with the random inputs of `seed`, begun (no part run yet): on a GPU in a free
+        `SketchGraph` of the gradient's shape (same kernels, same bits; a few launches instead of a hundred),
+        else a `SketchRun` (which keeps a copy of the gradient when `spread`)."""
         g = refresh_ops.oriented(grad, side)
         k = refresh_ops.sketch_size(g.shape, rank, OVERSAMPLE)
         if not self._graphable(grad):
-            return refresh_ops.sketch(g, *refresh_ops.sketch_inputs(g, k, seed), POWER_ITERS)
-        key = (tuple(grad.shape), grad.dtype, side, k, grad.device)
-        graph = self._sketch_graphs.get(key)
+            return SketchRun(grad, side, k, POWER_ITERS, seed, keep_grad=spread)
+        graphs = self._sketch_graphs.setdefault((tuple(grad.shape), grad.dtype, side, k, grad.device), [])
+        graph = next((graph for graph in graphs if not graph.busy), None)
         if graph is None:
-            stream = self._side_stream("capture", grad.device)
-            graph = self._sketch_graphs[key] = SketchGraph(grad, side, k, POWER_ITERS, stream)
-        return graph.run(grad, seed)
+            graph = SketchGraph(grad, side, k, POWER_ITERS, self._side_stream("capture", grad.device))
+            graphs.append(graph)
+        graph.begin(grad, seed)
+        return graph
 
     def _advance_projected(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> tuple[bool, bool]:
         """The host-side part of a projected step: counters, and the refreshes that come before the update.
@@ -346,9 +392,11 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         gradient is due after the update.
 
         A matrix's first projector and exact ("svd") refreshes come before the update, as in GaLore. A later
-        randomized refresh is sketched from this step's gradient after this step's update and finished
-        (its eigendecomposition) after the next step's, taking effect from the step after that: on a GPU
-        both phases run beside a step's update, so that no step waits for a refresh."""
+        randomized refresh is sketched from this step's gradient after this step's update (spread over three
+        steps when the gap is at least SPREAD_MIN_GAP) and finished (its eigendecomposition) one step later
+        (two steps after the last part when spread), taking effect from the step after that: on a GPU every
+        phase runs beside a step's update, so that no step waits for a refresh. A refresh due while the last
+        is still in flight (a gap changed mid-run) is not begun."""
         calls = state["calls"]
         state["calls"] += 1
         if "left" not in state and "right" not in state:
@@ -360,32 +408,44 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         if due and group["refresh"] == "svd":
             self._refresh(p, grad, group, state, *self._sides(group, p.shape))
             return True, False
-        return True, due
+        return True, due and state.get("pending_finish_call", -1) <= calls
 
     def _side_stream(self, purpose: str, device: torch.device) -> torch.cuda.Stream:
         key = (purpose, device)
         if key not in self._side_streams:
-            self._side_streams[key] = torch.cuda.Stream(device)
+            # A refresh's chain of small, latency-bound kernels beside the replay's bandwidth-bound ones: at
+            # the same priority each of its kernels waits behind the replay's blocks for a free SM.
+            self._side_streams[key] = torch.cuda.Stream(device, priority=-1 if purpose in SIDE_PRIORITY else 0)
         return self._side_streams[key]
 
-    def _refresh_beside(self, finishing: list, sketching: list, group: dict, grads_ready: torch.cuda.Event) -> None:
-        """A replayed group's refresh phases on a side stream, overlapping the replay: the pending refreshes
-        of `finishing` (written once the replay, which reads the old projectors, is done), then the sketches
-        of `sketching` from their gradients. The current stream then waits for them, the host does not
-        (beyond the eigendecompositions' own checks)."""
-        device = (finishing or sketching)[0].device
-        main = torch.cuda.current_stream(device)
+    def _sketch_beside(self, advancing: list, beginning: list, group: dict, device: torch.device,
+                       grads_ready: torch.cuda.Event) -> torch.cuda.Stream:
+        """The next parts of the sketches in progress of `advancing` (states), then the sketches of
+        `beginning` (parameters) from their gradients, on a side stream beside the replay; returns that stream,
+        which the current stream must wait for."""
+        side = self._side_stream("sketch", device)
+        side.wait_event(grads_ready)
+        with torch.cuda.stream(side):
+            for state in advancing:
+                self._advance_sketch(state)
+            for p in beginning:
+                p.grad.record_stream(side)  # the caller may free the gradient while the sketch reads it
+                self._begin_refresh(p.grad, group, self.state[p], *self._sides(group, p.shape))
+        return side
+
+    def _finish_beside(self, finishing: list, group: dict, grads_ready: torch.cuda.Event) -> torch.cuda.Stream:
+        """The refreshes `finishing` ((state, taken pending sketches) pairs) on a side stream after the replay
+        is launched: each projector is computed beside the replay and written once the replay, which reads the
+        old projectors, is done. Returns that stream, for the current stream to wait for."""
+        device = finishing[0][1][0][1].device
         replayed = torch.cuda.Event()
-        replayed.record(main)
+        replayed.record(torch.cuda.current_stream(device))
         side = self._side_stream("refresh", device)
         side.wait_event(grads_ready)
         with torch.cuda.stream(side):
-            for p in finishing:
-                self._finish_pending(group, self.state[p], before_write=replayed)
-            for p in sketching:
-                p.grad.record_stream(side)  # the caller may free the gradient while the sketch reads it
-                self._sketch_pending(p.grad, group, self.state[p], *self._sides(group, p.shape))
-        main.wait_stream(side)
+            for state, taken in finishing:
+                self._finish_pending(group, state, taken, before_write=replayed)
+        return side
 
     def _update_projected(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, lr) -> None:
         """The device part of a projected step (no host synchronisation: capturable). `lr` is a float or
@@ -498,13 +558,16 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         if not group["project"]:
             self._update_plain(p, grad, group, state, group["lr"])
             return
+        finishing = self._take_pending(state) if self._finishing(state) else None
         update, refresh_after = self._advance_projected(p, grad, group, state)
         if update:
             self._update_projected(p, grad, group, state, group["lr"])
-        if self._pending(state):
-            self._finish_pending(group, state)
+        if finishing:
+            self._finish_pending(group, state, finishing)
+        if id(state) in self._sketching:
+            self._advance_sketch(state)
         if refresh_after:
-            self._sketch_pending(grad, group, state, *self._sides(group, p.shape))
+            self._begin_refresh(grad, group, state, *self._sides(group, p.shape))
 
     def _projected_index(self, p: torch.Tensor) -> tuple[int, int]:
         projected = [q for g in self.param_groups if g["project"] for q in g["params"]]
@@ -595,8 +658,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         flat = None
         if group["project"]:
             for p, grad, state in zip(params, grads, states):  # every matrix has its projector here: none is skipped
-                if self._pending(state):
-                    finishing.append(p)
+                if self._finishing(state):  # taken first: this step may begin the matrix's next refresh
+                    finishing.append((state, self._take_pending(state)))
                 if self._advance_projected(p, grad, group, state)[1]:
                     refresh_after.append(p)
             flat = self._flat_moments(index, params, states, grads)
@@ -612,8 +675,10 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             def update_all(lr):
                 for p in params:
                     self._update_plain(p, p.grad, group, self.state[p], lr)
+        device = params[0].device
+        main = torch.cuda.current_stream(device)
         grads_ready = torch.cuda.Event()
-        grads_ready.record(torch.cuda.current_stream(params[0].device))
+        grads_ready.record(main)
         graphs = self._graphs.get(index) or self._graphs.setdefault(index, GroupGraphs())
         try:
             graphs.run(self._graph_key(group, params, states, grads, flat), update_all, params[0].device, group["lr"])
@@ -623,8 +688,14 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             update = self._update_projected if group["project"] else self._update_plain
             for p in params:
                 update(p, p.grad, group, self.state[p], group["lr"])
-        if finishing or refresh_after:
-            self._refresh_beside(finishing, refresh_after, group, grads_ready)
+        beside = []
+        advancing = [state for state, _, of in self._sketching.values() if of is group]
+        if advancing or refresh_after:
+            beside.append(self._sketch_beside(advancing, refresh_after, group, device, grads_ready))
+        if finishing:
+            beside.append(self._finish_beside(finishing, group, grads_ready))
+        for side in beside:
+            main.wait_stream(side)
 
     def skipped_steps(self) -> int:
         """How many parameter steps were skipped for non-finite gradients (synchronises with the GPU)."""
@@ -636,12 +707,24 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             t.numel() * t.element_size() for s in self.state.values() for t in s.values() if isinstance(t, torch.Tensor)
         )
 
+    def state_dict(self) -> dict:
+        """As torch's, with every sketch in progress completed first (its remaining parts run now, with the
+        bits they would have had at the later steps), so that the saved state holds all refreshes in flight."""
+        for state, _, _ in list(self._sketching.values()):
+            self._advance_sketch(state, everything=True)
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but every state tensor keeps its saved dtype (torch would cast float32 states,
         projectors included, to a bf16 parameter's dtype and break bit-exact resumption)."""
         saved_groups = state_dict["param_groups"]
         super().load_state_dict(state_dict)
         self._graphs.clear()  # the states are new tensors: graphs are captured anew on them
+        self._eigh_jobs.clear()
+        for _, runs, _ in self._sketching.values():  # the loaded states replace these refreshes
+            for _, run in runs:
+                run.cancel()
+        self._sketching.clear()
         self._flat.clear()
         ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]

@@ -314,6 +314,35 @@ def test_randomized_refresh_takes_effect_two_steps_later(seed):
             assert used[3] == 3, used
 
 
+def test_spread_refresh_takes_effect_five_steps_later(seed):
+    """From SPREAD_MIN_GAP on, a randomized refresh's sketch runs one part a step from the due step (three
+    parts: two power iterations) and is finished two steps after its last part: the due step and the four
+    after it use the old projector, the fifth the new one."""
+    from gradnormlorp_kernels.optimizer import POWER_ITERS, SPREAD_MIN_GAP
+
+    gap = SPREAD_MIN_GAP
+    w = nn.Parameter(torch.zeros(48, 20))
+    opt = GradNormLoRPAdamW([{"params": [w], "rank": 4}], proj_type="left", update_proj_gap=gap, state_bits=32)
+    gen = torch.Generator().manual_seed(seed)
+    projectors, used = [], []
+    lag = POWER_ITERS + 1 + 2
+    for t in range(gap + lag + 2):
+        w.grad = torch.randn(48, 20, generator=gen)
+        before_w = w.detach().clone()
+        opt.step()
+        projectors.append(opt.state[w]["left"].clone())
+        change = w.detach() - before_w
+        off = [float((change - q @ (q.T @ change)).norm() / change.norm()) for q in projectors]
+        used.append(min(range(len(off)), key=off.__getitem__))
+        assert off[used[-1]] <= 1e-4, (t, off)
+        in_flight = gap <= t < gap + lag - 1  # begun at the due step, finished at its last
+        assert ("pending_finish_call" in opt.state[w]) == in_flight, t
+    for t in range(gap, gap + lag - 1):
+        assert torch.equal(projectors[t], projectors[gap - 1]), f"step {t} must not change the projector"
+    assert not torch.equal(projectors[gap + lag - 1], projectors[gap - 1]), "no refresh finished"
+    assert all(used[t] < gap for t in range(gap, gap + lag)) and used[gap + lag] == gap + lag - 1, used
+
+
 @pytest.mark.parametrize("gap", [1, 2])
 def test_refreshes_due_before_the_last_one_landed(gap, seed):
     """With a gap shorter than a refresh's two phases, each due refresh first finishes the pending one: the
@@ -426,30 +455,35 @@ def _train_span(model, opt, start, stop):
     return losses
 
 
-def _make(state_bits, refresh, seed):
+def _make(state_bits, refresh, seed, gap=3):
     torch.manual_seed(seed)
     model = SmallNet()
     # rank 48: states 48 x max(out, in) (>= 4096 elements, so 8-bit when state_bits=8).
-    opt = GradNormLoRPAdamW(model, lr=1e-2, rank=48, update_proj_gap=3, state_bits=state_bits, refresh=refresh,
+    opt = GradNormLoRPAdamW(model, lr=1e-2, rank=48, update_proj_gap=gap, state_bits=state_bits, refresh=refresh,
                             weight_decay=0.01)
     return model, opt
 
 
-@pytest.mark.parametrize("state_bits,refresh,cut", [(8, "randomized", 4), (8, "randomized", 5), (32, "svd", 4)])
-def test_resume_is_bit_exact(state_bits, refresh, cut, seed, dispatched):
-    """Cut 4 falls between the sketch (step 3) and the finish (step 4) of fc1's refresh; cut 5 after both."""
-    total = 10
-    model, opt = _make(state_bits, refresh, seed)
+@pytest.mark.parametrize("state_bits,refresh,cut,gap", [
+    (8, "randomized", 4, 3), (8, "randomized", 5, 3), (32, "svd", 4, 3),
+    (8, "randomized", 5, 8), (8, "randomized", 6, 8), (8, "randomized", 7, 8), (32, "randomized", 10, 8),
+])
+def test_resume_is_bit_exact(state_bits, refresh, cut, gap, seed, dispatched):
+    """Gap 3: cut 4 falls between the sketch (step 3) and the finish (step 4) of fc1's refresh; cut 5 after
+    both. Gap 8 (spread sketches; fc2's refresh due at step 4, fc1's at 8): cuts 5 and 6 fall between parts
+    of fc2's sketch (the checkpoint completes it), 7 between its last part and its finish, 10 inside fc1's."""
+    total = 10 if gap == 3 else 16
+    model, opt = _make(state_bits, refresh, seed, gap)
     assert any(g["project"] for g in opt.param_groups)
     straight = _train_span(model, opt, 0, total)
 
-    model, opt = _make(state_bits, refresh, seed)
+    model, opt = _make(state_bits, refresh, seed, gap)
     first = _train_span(model, opt, 0, cut)
-    if refresh == "randomized" and cut == 4:  # the cut falls between a refresh's sketch and its finish
-        assert any(key.startswith("pending_") for state in opt.state.values() for key in state)
+    if refresh == "randomized" and (cut == 4 or gap == 8):  # the cut falls inside a refresh
+        assert any("pending_finish_call" in state for state in opt.state.values())
     checkpoint = save_load({"model": model.state_dict(), "optimizer": opt.state_dict()})
     del model, opt
-    model, opt = _make(state_bits, refresh, seed + 1)  # a different init: everything must come from the checkpoint
+    model, opt = _make(state_bits, refresh, seed + 1, gap)  # a different init: everything must come from the checkpoint
     model.load_state_dict(checkpoint["model"])
     opt.load_state_dict(checkpoint["optimizer"])
     second = _train_span(model, opt, cut, total)

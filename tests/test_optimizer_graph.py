@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gradnormlorp_kernels import GradNormLoRPAdamW
+from gradnormlorp_kernels.optimizer import SPREAD_MIN_GAP
 
 pytestmark = pytest.mark.gpu
 
@@ -17,9 +18,9 @@ PROJECTED_SHAPES = [(64, 64), (96, 48), (40, 136), (17, 241), (8, 24)]
 PLAIN_SHAPES = [(1,), (4097,), (33,)]
 
 
-def _make(dtype, cuda_graph, seed=0, **kwargs):
+def _make(dtype, cuda_graph, seed=0, shapes=PROJECTED_SHAPES, **kwargs):
     generator = torch.Generator(device="cuda").manual_seed(seed)
-    projected = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=generator).to(dtype)) for s in PROJECTED_SHAPES]
+    projected = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=generator).to(dtype)) for s in shapes]
     plain = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=generator).to(dtype)) for s in PLAIN_SHAPES]
     kwargs.setdefault("update_proj_gap", 3)
     optimizer = GradNormLoRPAdamW(
@@ -89,19 +90,30 @@ def test_graph_step_with_refreshes_due_before_the_last_one_landed(gap):
     assert optimizer._finish_graphs and all(g.graph is not None for g in optimizer._finish_graphs.values())
 
 
+def test_spread_sketches_of_one_shape_in_progress_together():
+    """Gap SPREAD_MIN_GAP: each sketch runs one part a step; eight matrices of one shape come due a step
+    apart, so several sketches of that shape are in progress at once, each in its own sketch graph."""
+    made = tuple(_make(torch.bfloat16, graphed, shapes=[(48, 32)] * 8, update_proj_gap=SPREAD_MIN_GAP)
+                 for graphed in (True, False))
+    (_, optimizer), _ = _step_both(2 * SPREAD_MIN_GAP + 4, torch.bfloat16, {}, persistent_grads=True, made=made)
+    assert max(len(graphs) for graphs in optimizer._sketch_graphs.values()) >= 2
+
+
 def test_moving_gradients_stay_correct():
     (_, optimizer), _ = _step_both(12, torch.bfloat16, dict(weight_decay=0.05), persistent_grads=False)
     assert all(graphs.captures >= 1 for graphs in optimizer._graphs.values())
 
 
-def test_state_dict_round_trip_between_graph_steps():
-    made = _step_both(4, torch.bfloat16, {}, persistent_grads=True)
+@pytest.mark.parametrize("gap", [3, SPREAD_MIN_GAP])
+def test_state_dict_round_trip_between_graph_steps(gap):
+    """At gap SPREAD_MIN_GAP the cut falls inside a spread sketch (the checkpoint completes it)."""
+    made = _step_both(4, torch.bfloat16, dict(update_proj_gap=gap), persistent_grads=True)
     (graphed, optimizer), eager = made
     saved = optimizer.state_dict()
-    params, restored = _make(torch.bfloat16, True)
+    params, restored = _make(torch.bfloat16, True, update_proj_gap=gap)
     with torch.no_grad():
         for p, q in zip(params, graphed):
             p.copy_(q)
     restored.load_state_dict(saved)
-    _step_both(5, torch.bfloat16, {}, persistent_grads=True, start=4, made=((params, restored), eager))
+    _step_both(5 + gap, torch.bfloat16, {}, persistent_grads=True, start=4, made=((params, restored), eager))
     assert restored._graphs and all(g.reuses > 0 for g in restored._graphs.values())

@@ -265,3 +265,21 @@ def test_write_ritz_projector_writes_the_rayleigh_ritz_projector_or_keeps_the_ol
     else:
         assert bool(torch.isnan(expected).all())
         assert torch.equal(kept, old)
+
+
+def test_sketch_run_over_steps_is_the_sketch_of_the_gradient_it_began_with():
+    """A sketch spread over steps keeps its gradient: changing the caller's gradient between parts changes
+    nothing, and the parts give `sketch`'s bits."""
+    from gradnormlorp_kernels._step_graph import SketchRun
+
+    grad = torch.randn(40, 30, generator=torch.Generator().manual_seed(3))
+    k = ops.refresh.sketch_size(grad.shape, 4, OVERSAMPLE)
+    expected = ops.refresh.sketch(grad, *ops.refresh.sketch_inputs(grad, k, 11), POWER_ITERS)
+    run = SketchRun(grad, "left", k, POWER_ITERS, 11, keep_grad=True)
+    results = []
+    while run.busy:
+        results.append(run.advance())
+        grad.normal_()  # the caller's gradient moves on
+    assert results[:-1] == [None] * (ops.refresh.sketch_parts(POWER_ITERS) - 1)
+    for got, want in zip(results[-1], expected):
+        assert torch.equal(got, want)

@@ -78,8 +78,14 @@ def sketch_inputs(g: torch.Tensor, k: int, seed: int, out: tuple | None = None) 
     """The random inputs of `sketch` for the oriented (m, n) matrix `g`: the test matrix (n, k) in g's
     dtype and the float64 perturbation directions for m-row and n-row bases, all from `seed`; written
     into `out` (three tensors of those shapes) when given."""
+    return draw_sketch_inputs(g, k, torch.Generator(device=g.device).manual_seed(seed), out)
+
+
+def draw_sketch_inputs(g: torch.Tensor, k: int, generator: torch.Generator, out: tuple | None = None) -> tuple:
+    """`sketch_inputs` drawn from `generator` as it stands: from a generator just seeded with `seed`, the
+    same draws. Capturable in a CUDA graph that the generator is registered with (reseeded before each
+    replay, the replay draws that seed's inputs)."""
     m, n = g.shape
-    generator = torch.Generator(device=g.device).manual_seed(seed)
     omega = torch.randn(n, k, generator=generator, device=g.device, dtype=torch.float32)
     if out is None:
         return (omega.to(g.dtype),
@@ -91,28 +97,49 @@ def sketch_inputs(g: torch.Tensor, k: int, seed: int, out: tuple | None = None) 
     return out
 
 
-def sketch(g: torch.Tensor, omega: torch.Tensor, noise_rows: torch.Tensor, noise_cols: torch.Tensor,
-           power_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The range finder on the oriented matrix `g` (m, n): an orthonormal basis (m, k) of its dominant
-    column space, the Gram matrix (k, k) float64 of `basis^T g` for the Rayleigh-Ritz step, and a 0-d
-    bool that is False when anything broke down (a non-finite `g`, a Cholesky). No host synchronisation:
-    the optimizer captures it in a CUDA graph."""
+def sketch_parts(power_iters: int) -> int:
+    """How many parts `sketch_part` divides a sketch with `power_iters` power iterations into."""
+    return power_iters + 1
+
+
+def sketch_part(part: int, g: torch.Tensor, omega: torch.Tensor, noise_rows: torch.Tensor, noise_cols: torch.Tensor,
+                power_iters: int, carry: tuple | None) -> tuple:
+    """Part `part` (0 <= part < sketch_parts(power_iters)) of `sketch`, two Cholesky-QR passes each: every
+    part but the last ends with a power iteration's half-way basis and returns the carry the next part takes,
+    (q, ok): q (n, k) orthonormal, float32 (float64 for float64 g), ok a 0-d bool (False once a Cholesky broke
+    down); the last returns `sketch`'s result. Run one after another, the parts are `sketch` op for op, so a
+    sketch may be spread over several steps of training. No host synchronisation."""
     failures: list = []
 
     def orthonormal(y: torch.Tensor, noise: torch.Tensor, passes: int) -> torch.Tensor:
         return _orthonormal(y if y.dtype == torch.float64 else y.to(torch.float32), noise, passes, failures)
 
-    y = g @ omega
-    for _ in range(power_iters):
+    def all_ok() -> torch.Tensor:
+        if not failures:  # float64: Householder QR, which does not break down
+            return torch.ones((), dtype=torch.bool, device=g.device) if carry is None else carry[1]
+        ok = torch.stack(failures).eq(0).all()
+        return ok if carry is None else carry[1] & ok
+
+    y = g @ omega if part == 0 else g @ carry[0].to(g.dtype)
+    if part < power_iters:
         # One Cholesky-QR pass is enough between the products: it only keeps the columns apart.
-        y = g @ orthonormal(g.T @ orthonormal(y, noise_rows, 1).to(g.dtype), noise_cols, 1).to(g.dtype)
+        return orthonormal(g.T @ orthonormal(y, noise_rows, 1).to(g.dtype), noise_cols, 1), all_ok()
     basis = orthonormal(y, noise_rows, 2)
     small = (basis.T.to(g.dtype) @ g).to(torch.float64)  # (k, n)
     gram = small @ small.T
-    healthy = torch.isfinite(gram).all()
-    if failures:
-        healthy = healthy & torch.stack(failures).eq(0).all()
-    return basis, gram, healthy
+    return basis, gram, torch.isfinite(gram).all() & all_ok()
+
+
+def sketch(g: torch.Tensor, omega: torch.Tensor, noise_rows: torch.Tensor, noise_cols: torch.Tensor,
+           power_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The range finder on the oriented matrix `g` (m, n): an orthonormal basis (m, k) of its dominant
+    column space, the Gram matrix (k, k) float64 of `basis^T g` for the Rayleigh-Ritz step, and a 0-d
+    bool that is False when anything broke down (a non-finite `g`, a Cholesky). No host synchronisation:
+    the optimizer captures it in CUDA graphs."""
+    carry = None
+    for part in range(sketch_parts(power_iters)):
+        carry = sketch_part(part, g, omega, noise_rows, noise_cols, power_iters, carry)
+    return carry
 
 
 def ritz_vectors(gram: torch.Tensor, healthy: torch.Tensor) -> torch.Tensor:
@@ -143,10 +170,13 @@ def ritz_candidate(basis: torch.Tensor, vectors: torch.Tensor, healthy: torch.Te
 
 
 def write_ritz_projector(kept: torch.Tensor, basis: torch.Tensor, vectors: torch.Tensor, healthy: torch.Tensor,
-                         rank: int) -> None:
+                         rank: int, before_write: "torch.cuda.Event | None" = None) -> None:
     """`ritz_projector` written into the projector `kept` in place, unless it is not finite (a non-finite
-    gradient, a broken-down sketch: `kept` stays), decided on the device: no host synchronisation."""
-    projector, finite = ritz_candidate(basis, vectors, healthy, rank, kept.dtype)
+    gradient, a broken-down sketch: `kept` stays), decided on the device: no host synchronisation. `vectors`
+    may be on the host; `before_write`: a CUDA event the current stream waits for before it writes `kept`."""
+    projector, finite = ritz_candidate(basis, vectors.to(basis.device, non_blocking=True), healthy, rank, kept.dtype)
+    if before_write is not None:
+        torch.cuda.current_stream(kept.device).wait_event(before_write)
     torch.where(finite, projector, kept, out=kept)
 
 
