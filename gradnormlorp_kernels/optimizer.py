@@ -88,8 +88,10 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     "right" (out x r), "two_sided" (r x r). refresh: "randomized" (range finder, GEMMs only) or
     "svd" (exact). Refreshes every `update_proj_gap` steps, staggered across matrices; a randomized
     refresh (after a matrix's first) is sketched from that step's gradient after the step's update and
-    finished after the next step's (on a GPU, both overlapping the update), taking effect from the step
-    after that, so no step waits for one. Moments are
+    finished after the next step's, taking effect from the step after that; from a gap of SPREAD_MIN_GAP
+    (8) the sketch is spread over three steps (one part each) and finished two steps after its last part,
+    taking effect five steps after the due one. On a GPU every phase overlaps a step's update and the
+    small eigendecomposition runs on the host in a worker thread, so no step waits for a refresh. Moments are
     8-bit block-wise (`state_bits=8`, tensors under 4096 elements stay float32) or float32.
     A matrix whose gradient has a non-finite element skips its step (states and weight untouched);
     `skipped_steps()` counts them.
@@ -433,11 +435,11 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 self._begin_refresh(p.grad, group, self.state[p], *self._sides(group, p.shape))
         return side
 
-    def _finish_beside(self, finishing: list, group: dict, grads_ready: torch.cuda.Event) -> torch.cuda.Stream:
+    def _finish_beside(self, finishing: list, group: dict, device: torch.device,
+                       grads_ready: torch.cuda.Event) -> torch.cuda.Stream:
         """The refreshes `finishing` ((state, taken pending sketches) pairs) on a side stream after the replay
         is launched: each projector is computed beside the replay and written once the replay, which reads the
         old projectors, is done. Returns that stream, for the current stream to wait for."""
-        device = finishing[0][1][0][1].device
         replayed = torch.cuda.Event()
         replayed.record(torch.cuda.current_stream(device))
         side = self._side_stream("refresh", device)
@@ -693,7 +695,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         if advancing or refresh_after:
             beside.append(self._sketch_beside(advancing, refresh_after, group, device, grads_ready))
         if finishing:
-            beside.append(self._finish_beside(finishing, group, grads_ready))
+            beside.append(self._finish_beside(finishing, group, device, grads_ready))
         for side in beside:
             main.wait_stream(side)
 
