@@ -285,26 +285,34 @@ def test_refresh_every_gap_steps_staggered(refresh):
     assert not set.intersection(*later)
 
 
+def _trace_projectors(gap, refresh, steps, seed, after_step=None):
+    """Steps a left-projected (48, 20) matrix on fresh gradients: its projector after each step, and for each
+    update the index of the (earliest) projector whose span holds the change. `after_step(t, state)`."""
+    w = nn.Parameter(torch.zeros(48, 20))  # small weights: their change is exact to float32 rounding
+    opt = GradNormLoRPAdamW([{"params": [w], "rank": 4}], proj_type="left", update_proj_gap=gap,
+                            refresh=refresh, state_bits=32)
+    gen = torch.Generator().manual_seed(seed)
+    projectors, used = [], []
+    for t in range(steps):
+        w.grad = torch.randn(48, 20, generator=gen)
+        before_w = w.detach().clone()
+        opt.step()
+        projectors.append(opt.state[w]["left"].clone())
+        change = w.detach() - before_w
+        off = [float((change - q @ (q.T @ change)).norm() / change.norm()) for q in projectors]
+        used.append(min(range(len(off)), key=off.__getitem__))
+        assert off[used[-1]] <= 1e-4, (refresh, t, off)
+        if after_step is not None:
+            after_step(t, opt.state[w])
+    return projectors, used
+
+
 def test_randomized_refresh_takes_effect_two_steps_later(seed):
     """A randomized refresh is sketched after the due step's update and finished after the next step's,
     so both of those updates use the old projector and the one after uses the new one; an SVD refresh comes
     before the due step's update, as in GaLore."""
     for refresh in ("randomized", "svd"):
-        w = nn.Parameter(torch.zeros(48, 20))  # small weights: their change is exact to float32 rounding
-        opt = GradNormLoRPAdamW([{"params": [w], "rank": 4}], proj_type="left", update_proj_gap=3,
-                                refresh=refresh, state_bits=32)
-        gen = torch.Generator().manual_seed(seed)
-        projectors, used = [], []
-        for t in range(6):
-            w.grad = torch.randn(48, 20, generator=gen)
-            before_w = w.detach().clone()
-            opt.step()
-            projectors.append(opt.state[w]["left"].clone())
-            change = w.detach() - before_w
-            # The projector this update lay in: the one of the candidates whose span holds the change.
-            off = [float((change - q @ (q.T @ change)).norm() / change.norm()) for q in projectors]
-            used.append(min(range(len(off)), key=off.__getitem__))
-            assert off[used[-1]] <= 1e-4, (refresh, t, off)
+        projectors, used = _trace_projectors(3, refresh, 6, seed)
         if refresh == "randomized":  # calls == 3 is due: sketched at t=3, finished at t=4, used from t=5
             assert torch.equal(projectors[3], projectors[2]), "the due step must not change it"
             assert not torch.equal(projectors[4], projectors[3]), "no refresh finished the step after"
@@ -320,23 +328,12 @@ def test_spread_refresh_takes_effect_five_steps_later(seed):
     after it use the old projector, the fifth the new one."""
     from gradnormlorp_kernels.optimizer import POWER_ITERS, SPREAD_MIN_GAP
 
-    gap = SPREAD_MIN_GAP
-    w = nn.Parameter(torch.zeros(48, 20))
-    opt = GradNormLoRPAdamW([{"params": [w], "rank": 4}], proj_type="left", update_proj_gap=gap, state_bits=32)
-    gen = torch.Generator().manual_seed(seed)
-    projectors, used = [], []
-    lag = POWER_ITERS + 1 + 2
-    for t in range(gap + lag + 2):
-        w.grad = torch.randn(48, 20, generator=gen)
-        before_w = w.detach().clone()
-        opt.step()
-        projectors.append(opt.state[w]["left"].clone())
-        change = w.detach() - before_w
-        off = [float((change - q @ (q.T @ change)).norm() / change.norm()) for q in projectors]
-        used.append(min(range(len(off)), key=off.__getitem__))
-        assert off[used[-1]] <= 1e-4, (t, off)
-        in_flight = gap <= t < gap + lag - 1  # begun at the due step, finished at its last
-        assert ("pending_finish_call" in opt.state[w]) == in_flight, t
+    gap, lag = SPREAD_MIN_GAP, POWER_ITERS + 1 + 2
+
+    def in_flight(t, state):  # begun at the due step, finished at the last step of the lag
+        assert ("pending_finish_call" in state) == (gap <= t < gap + lag - 1), t
+
+    projectors, used = _trace_projectors(gap, "randomized", gap + lag + 2, seed, in_flight)
     for t in range(gap, gap + lag - 1):
         assert torch.equal(projectors[t], projectors[gap - 1]), f"step {t} must not change the projector"
     assert not torch.equal(projectors[gap + lag - 1], projectors[gap - 1]), "no refresh finished"
