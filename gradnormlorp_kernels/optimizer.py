@@ -138,8 +138,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         self.cuda_graph = cuda_graph
         self._side_streams: dict[tuple, torch.cuda.Stream] = {}
         self._sketch_graphs: dict[tuple, list[SketchGraph]] = {}  # by shape: one per sketch in progress at once
-        # By id of a matrix's state: (that state, its sketches in progress by side, its group).
-        self._sketching: dict[int, tuple[dict, list, dict]] = {}
+        # By id of a matrix's state: (that state, its sketches in progress by side).
+        self._sketching: dict[int, tuple[dict, list]] = {}
         self._finish_graphs: dict[tuple, FinishGraph] = {}
         # By id of a pending Gram matrix: (that matrix, its eigendecomposition started on the host).
         self._eigh_jobs: dict[int, tuple] = {}
@@ -303,13 +303,13 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         runs = [(side, self._start_sketch(grad, group["rank"], side, self._refresh_seed(state, side), spread))
                 for side, wanted in (("left", left), ("right", right)) if wanted]
         state["refreshes"] += 1
-        self._sketching[id(state)] = (state, runs, group)
+        self._sketching[id(state)] = (state, runs)
         self._advance_sketch(state, everything=not spread)
 
     def _advance_sketch(self, state: dict, everything: bool = False) -> None:
         """The next part of the matrix's sketch in progress (with `everything`, all that remain); a complete
         sketch goes into the state."""
-        _, runs, _ = self._sketching[id(state)]
+        _, runs = self._sketching[id(state)]
         for side, run in runs:
             sketched = run.complete() if everything else run.advance()
             if sketched is not None:
@@ -691,7 +691,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             for p in params:
                 update(p, p.grad, group, self.state[p], group["lr"])
         beside = []
-        advancing = [state for state, _, of in self._sketching.values() if of is group]
+        advancing = [state for state in states if id(state) in self._sketching] if self._sketching else []
         if advancing or refresh_after:
             beside.append(self._sketch_beside(advancing, refresh_after, group, device, grads_ready))
         if finishing:
@@ -712,7 +712,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """As torch's, with every sketch in progress completed first (its remaining parts run now, with the
         bits they would have had at the later steps), so that the saved state holds all refreshes in flight."""
-        for state, _, _ in list(self._sketching.values()):
+        for state, _ in list(self._sketching.values()):
             self._advance_sketch(state, everything=True)
         return super().state_dict()
 
@@ -723,7 +723,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._graphs.clear()  # the states are new tensors: graphs are captured anew on them
         self._eigh_jobs.clear()
-        for _, runs, _ in self._sketching.values():  # the loaded states replace these refreshes
+        for _, runs in self._sketching.values():  # the loaded states replace these refreshes
             for _, run in runs:
                 run.cancel()
         self._sketching.clear()
