@@ -98,8 +98,13 @@ def start(gram: torch.Tensor, healthy: torch.Tensor) -> concurrent.futures.Futur
     host_gram.copy_(gram, non_blocking=True)
     host_healthy.copy_(healthy, non_blocking=True)
     done.copy_(_flag_sources[device], non_blocking=True)  # after the two above, in stream order
+    return _enqueue(done, host_gram, host_healthy, out)
+
+
+def _enqueue(done: torch.Tensor, gram: torch.Tensor, healthy: torch.Tensor, out: torch.Tensor) -> concurrent.futures.Future:
+    """The worker's job: once the host tensor `done` holds nonzero, `out` = ritz_vectors(gram, healthy)."""
     future: concurrent.futures.Future = concurrent.futures.Future()
-    _queue().put((future, done, host_gram, host_healthy, out))
+    _queue().put((future, done, gram, healthy, out))
     return future
 
 
