@@ -30,7 +30,9 @@ PENDING = ("basis", "gram", "healthy")
 # Gaps from which a randomized refresh's sketch is spread over steps, one part a step (each part short
 # enough to run beside a step's update), and finished two steps after its last part (by then the host
 # has solved its eigendecomposition); with shorter gaps it is sketched at once and finished the next step.
-SPREAD_MIN_GAP = 8
+# Spreading puts the new projector in effect three steps later: at most 3% of a gap from 100 on (GaLore's
+# default gap is 200), while short gaps, which ask for fresh projectors, keep the quick schedule.
+SPREAD_MIN_GAP = 100
 # Side streams whose work runs beside a step's replay, at a higher priority than it.
 SIDE_PRIORITY = ("sketch", "refresh")
 
@@ -89,7 +91,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     "svd" (exact). Refreshes every `update_proj_gap` steps, staggered across matrices; a randomized
     refresh (after a matrix's first) is sketched from that step's gradient after the step's update and
     finished after the next step's, taking effect from the step after that; from a gap of SPREAD_MIN_GAP
-    (8) the sketch is spread over three steps (one part each) and finished two steps after its last part,
+    (100) the sketch is spread over three steps (one part each) and finished two steps after its last part,
     taking effect five steps after the due one. On a GPU every phase overlaps a step's update and the
     small eigendecomposition runs on the host in a worker thread, so no step waits for a refresh. Moments are
     8-bit block-wise (`state_bits=8`, tensors under 4096 elements stay float32) or float32.

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from gradnormlorp_kernels import GradNormLoRPAdamW, GradNormLoRPLinear
+from gradnormlorp_kernels import optimizer as optimizer_module
 
 # Reference ops unless a test takes the `dispatched` fixture (see conftest.py).
 pytestmark = pytest.mark.usefixtures("reference_unless_dispatched")
@@ -465,10 +466,12 @@ def _make(state_bits, refresh, seed, gap=3):
     (8, "randomized", 4, 3), (8, "randomized", 5, 3), (32, "svd", 4, 3),
     (8, "randomized", 5, 8), (8, "randomized", 6, 8), (8, "randomized", 7, 8), (32, "randomized", 10, 8),
 ])
-def test_resume_is_bit_exact(state_bits, refresh, cut, gap, seed, dispatched):
+def test_resume_is_bit_exact(state_bits, refresh, cut, gap, seed, dispatched, monkeypatch):
     """Gap 3: cut 4 falls between the sketch (step 3) and the finish (step 4) of fc1's refresh; cut 5 after
-    both. Gap 8 (spread sketches; fc2's refresh due at step 4, fc1's at 8): cuts 5 and 6 fall between parts
-    of fc2's sketch (the checkpoint completes it), 7 between its last part and its finish, 10 inside fc1's."""
+    both. Gap 8 with sketches spread from that gap on (fc2's refresh due at step 4, fc1's at 8): cuts 5 and 6
+    fall between parts of fc2's sketch (the checkpoint completes it), 7 between its last part and its
+    finish, 10 inside fc1's."""
+    monkeypatch.setattr(optimizer_module, "SPREAD_MIN_GAP", 8)
     total = 10 if gap == 3 else 16
     model, opt = _make(state_bits, refresh, seed, gap)
     assert any(g["project"] for g in opt.param_groups)

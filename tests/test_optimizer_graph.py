@@ -9,13 +9,20 @@ import pytest
 import torch
 
 from gradnormlorp_kernels import GradNormLoRPAdamW
-from gradnormlorp_kernels.optimizer import SPREAD_MIN_GAP
+from gradnormlorp_kernels import optimizer as optimizer_module
 
 pytestmark = pytest.mark.gpu
 
 # (out, in): square, tall, wide, one that straddles 8-bit blocks (4097 elements) and a small float32 one.
 PROJECTED_SHAPES = [(64, 64), (96, 48), (40, 136), (17, 241), (8, 24)]
 PLAIN_SHAPES = [(1,), (4097,), (33,)]
+# A gap from which the tests below have the optimizer spread its sketches over steps.
+SPREAD_GAP = 8
+
+
+@pytest.fixture
+def spread(monkeypatch):
+    monkeypatch.setattr(optimizer_module, "SPREAD_MIN_GAP", SPREAD_GAP)
 
 
 def _make(dtype, cuda_graph, seed=0, shapes=PROJECTED_SHAPES, **kwargs):
@@ -90,12 +97,12 @@ def test_graph_step_with_refreshes_due_before_the_last_one_landed(gap):
     assert optimizer._finish_graphs and all(g.graph is not None for g in optimizer._finish_graphs.values())
 
 
-def test_spread_sketches_of_one_shape_in_progress_together():
-    """Gap SPREAD_MIN_GAP: each sketch runs one part a step; eight matrices of one shape come due a step
-    apart, so several sketches of that shape are in progress at once, each in its own sketch graph."""
-    made = tuple(_make(torch.bfloat16, graphed, shapes=[(48, 32)] * 8, update_proj_gap=SPREAD_MIN_GAP)
+def test_spread_sketches_of_one_shape_in_progress_together(spread):
+    """Spread sketches (one part a step); eight matrices of one shape come due a step apart, so several
+    sketches of that shape are in progress at once, each in its own sketch graph."""
+    made = tuple(_make(torch.bfloat16, graphed, shapes=[(48, 32)] * 8, update_proj_gap=SPREAD_GAP)
                  for graphed in (True, False))
-    (_, optimizer), _ = _step_both(2 * SPREAD_MIN_GAP + 4, torch.bfloat16, {}, persistent_grads=True, made=made)
+    (_, optimizer), _ = _step_both(2 * SPREAD_GAP + 4, torch.bfloat16, {}, persistent_grads=True, made=made)
     assert max(len(graphs) for graphs in optimizer._sketch_graphs.values()) >= 2
 
 
@@ -104,9 +111,9 @@ def test_moving_gradients_stay_correct():
     assert all(graphs.captures >= 1 for graphs in optimizer._graphs.values())
 
 
-@pytest.mark.parametrize("gap", [3, SPREAD_MIN_GAP])
-def test_state_dict_round_trip_between_graph_steps(gap):
-    """At gap SPREAD_MIN_GAP the cut falls inside a spread sketch (the checkpoint completes it)."""
+@pytest.mark.parametrize("gap", [3, SPREAD_GAP])
+def test_state_dict_round_trip_between_graph_steps(gap, spread):
+    """At gap SPREAD_GAP the cut falls inside a spread sketch (the checkpoint completes it)."""
     made = _step_both(4, torch.bfloat16, dict(update_proj_gap=gap), persistent_grads=True)
     (graphed, optimizer), eager = made
     saved = optimizer.state_dict()
