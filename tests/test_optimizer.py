@@ -496,6 +496,23 @@ def test_resume_is_bit_exact(state_bits, refresh, cut, gap, seed, dispatched, mo
     assert float(straight[-1]) < float(straight[0])  # steps 0 and 9 see the same batch
 
 
+def test_loading_a_checkpoint_mid_sketch_drops_the_sketch_in_progress(seed, monkeypatch):
+    """The same optimizer loads an earlier checkpoint while a spread sketch is in progress: that sketch is
+    dropped, and training from the checkpoint repeats the straight run bit for bit."""
+    monkeypatch.setattr(optimizer_module, "SPREAD_MIN_GAP", 8)
+    straight = _train_span(*_make(8, "randomized", seed, gap=8), 0, 12)
+    model, opt = _make(8, "randomized", seed, gap=8)
+    _train_span(model, opt, 0, 3)
+    checkpoint = save_load({"model": model.state_dict(), "optimizer": opt.state_dict()})
+    _train_span(model, opt, 3, 5)  # fc2's refresh, due at step 4, is in progress
+    assert opt._sketching
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optimizer"])
+    assert not opt._sketching
+    resumed = _train_span(model, opt, 3, 12)
+    assert all(torch.equal(a, b) for a, b in zip(straight[3:], resumed)), (straight[3:], resumed)
+
+
 # ---------------------------------------------------------------- (g) non-finite gradients
 
 
