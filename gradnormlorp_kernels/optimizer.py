@@ -33,8 +33,6 @@ PENDING = ("basis", "gram", "healthy")
 # Spreading puts the new projector in effect three steps later: at most 3% of a gap from 100 on (GaLore's
 # default gap is 200), while short gaps, which ask for fresh projectors, keep the quick schedule.
 SPREAD_MIN_GAP = 100
-# Side streams whose work runs beside a step's replay, at a higher priority than it.
-SIDE_PRIORITY = ("sketch", "refresh")
 
 
 def _number(name: str, value, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
@@ -417,9 +415,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     def _side_stream(self, purpose: str, device: torch.device) -> torch.cuda.Stream:
         key = (purpose, device)
         if key not in self._side_streams:
-            # A refresh's chain of small, latency-bound kernels beside the replay's bandwidth-bound ones: at
-            # the same priority each of its kernels waits behind the replay's blocks for a free SM.
-            self._side_streams[key] = torch.cuda.Stream(device, priority=-1 if purpose in SIDE_PRIORITY else 0)
+            self._side_streams[key] = torch.cuda.Stream(device)
         return self._side_streams[key]
 
     def _sketch_beside(self, advancing: list, beginning: list, group: dict, device: torch.device,
