@@ -12,13 +12,16 @@ keeps changing goes back to launching kernels one by one.
 
 from __future__ import annotations
 
-from typing import Callable, Hashable
+import contextlib
+from typing import Callable, Hashable, Iterator
 
 import torch
 
 from .ops import refresh
 
 GRAPHS_KEPT = 4
+# Side streams a captured step spreads its per-matrix launches over (`Lanes`).
+LANES = 4
 # Captures after which a group that reused too few of them gives up on graphs.
 CAPTURES_BEFORE_GIVING_UP = 8
 
@@ -43,6 +46,40 @@ def capture(fn: Callable[[], object], device: torch.device, stream: torch.cuda.S
             graph.capture_end()
     current.wait_stream(stream)
     return graph, outputs
+
+
+class Lanes:
+    """Side streams for the independent per-matrix launches of a capture (projections, project-backs), so
+    that a replay runs several at once: each is a small GEMM that alone leaves most of the GPU idle while it
+    ramps up and drains. Outside a capture everything stays on the current stream (eager launches are
+    host-bound, and their outputs then need no cross-stream bookkeeping). The same kernels run either way,
+    so the results are the same bits."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.streams = [torch.cuda.Stream(device) for _ in range(LANES)]
+
+    @contextlib.contextmanager
+    def spread(self, sizes: list[int]) -> Iterator[list]:
+        """Yields one context per item (of `sizes`, its work in any unit): the stream to launch the item on,
+        the least loaded so far. All the streams are ordered after the current one on entry, and the current
+        one after them all on exit."""
+        if not torch.cuda.is_current_stream_capturing():
+            yield [contextlib.nullcontext()] * len(sizes)
+            return
+        current = torch.cuda.current_stream(self.streams[0].device)
+        load = [0] * len(self.streams)
+        chosen = []
+        for size in sizes:
+            lane = load.index(min(load))
+            load[lane] += size
+            chosen.append(self.streams[lane])
+        for stream in self.streams:
+            stream.wait_stream(current)
+        try:
+            yield [torch.cuda.stream(stream) for stream in chosen]
+        finally:
+            for stream in self.streams:
+                current.wait_stream(stream)
 
 
 class StepGraph:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -11,7 +12,7 @@ from torch import nn
 
 from . import _dispatch, _host_eigh, ops
 from ._flat_moments import FlatMoments
-from ._step_graph import FinishGraph, GroupGraphs, SketchGraph, SketchRun
+from ._step_graph import FinishGraph, GroupGraphs, Lanes, SketchGraph, SketchRun
 from .ops import refresh as refresh_ops
 from .layer import GradNormLoRPLinear
 
@@ -136,7 +137,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
         self.cuda_graph = cuda_graph
-        self._side_streams: dict[tuple, torch.cuda.Stream] = {}
+        self._side_streams: dict[tuple, torch.cuda.Stream | Lanes] = {}
         self._sketch_graphs: dict[tuple, list[SketchGraph]] = {}  # by shape: one per sketch in progress at once
         # By id of a matrix's state: (that state, its sketches in progress by side).
         self._sketching: dict[int, tuple[dict, list]] = {}
@@ -412,6 +413,16 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             return True, False
         return True, due and state.get("pending_finish_call", -1) <= calls
 
+    def _spread(self, params: list):
+        """Per parameter, the context to launch its own kernels in: inside a capture on a GPU, one of the
+        device's `Lanes` (balanced by size), else the current stream."""
+        if not params[0].is_cuda:
+            return contextlib.nullcontext([contextlib.nullcontext()] * len(params))
+        key = ("lanes", params[0].device)
+        if key not in self._side_streams:
+            self._side_streams[key] = Lanes(params[0].device)
+        return self._side_streams[key].spread([p.numel() for p in params])
+
     def _side_stream(self, purpose: str, device: torch.device) -> torch.cuda.Stream:
         key = (purpose, device)
         if key not in self._side_streams:
@@ -485,13 +496,15 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         bit-identical to `_update_projected` matrix by matrix."""
         shapes, sides = [], []
         projected = torch.empty(flat.total, dtype=params[0].grad.dtype, device=params[0].device)
-        for p, (start, numel) in zip(params, flat.spans):
-            state = self.state[p]
-            left, right = self._sides(group, p.shape)
-            shape = state["exp_avg"].shape
-            self._project(p.grad, state, left, right, out=projected[start:start + numel].view(shape))
-            shapes.append(shape)
-            sides.append((left, right))
+        with self._spread(params) as places:
+            for p, (start, numel), place in zip(params, flat.spans, places):
+                state = self.state[p]
+                left, right = self._sides(group, p.shape)
+                shape = state["exp_avg"].shape
+                with place:
+                    self._project(p.grad, state, left, right, out=projected[start:start + numel].view(shape))
+                shapes.append(shape)
+                sides.append((left, right))
         decay = float(group["weight_decay"])
         # Where project_back_update rounds the gated direction to the weight's dtype before its product
         # (triton backend, one-sided, bf16/fp16, no decay), the Adam launch does that rounding instead.
@@ -503,14 +516,16 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         codes = (ops.dynamic_map(True, lr.device), ops.dynamic_map(False, lr.device)) if flat.quantized else (None, None)
         directions = flat.update(projected, *codes, float(beta1), float(beta2), float(group["eps"]),
                                  lr if gated else torch.ones_like(lr), params[0].dtype if gated else torch.float32)
-        for p, (start, numel), shape, (left, right) in zip(params, flat.spans, shapes, sides):
-            state = self.state[p]
-            gate = self._gate(projected[start:start + numel], group, lr)
-            ops.project_back_update(
-                p, directions[start:start + numel].view(shape), state["left"] if left else None,
-                state["right"] if right else None, float(group["scale"]), decay, gate, with_norm=False,
-                direction_gated=gated,
-            )
+        with self._spread(params) as places:
+            for p, (start, numel), shape, (left, right), place in zip(params, flat.spans, shapes, sides, places):
+                state = self.state[p]
+                with place:
+                    gate = self._gate(projected[start:start + numel], group, lr)
+                    ops.project_back_update(
+                        p, directions[start:start + numel].view(shape), state["left"] if left else None,
+                        state["right"] if right else None, float(group["scale"]), decay, gate, with_norm=False,
+                        direction_gated=gated,
+                    )
 
     def _update_plain(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, lr) -> None:
         """A plain AdamW step on the device (capturable), `lr` as in `_update_projected`."""
