@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+from typing import NamedTuple
 
 import torch
 
@@ -18,13 +19,26 @@ from . import ops
 from .ops.quant8 import BLOCK_SIZE
 
 
+class FlatPart(NamedTuple):
+    """Matrices `first` to `last` (exclusive) of a layout: flat elements `lo` to `hi`, and their segments'
+    starts (relative to `lo`) and sizes on the device."""
+
+    first: int
+    last: int
+    lo: int
+    hi: int
+    starts: torch.Tensor
+    numels: torch.Tensor
+
+
 class FlatMoments:
     """Flat moments of `states` (all 8-bit or all float32, on one device), in order; `numels` are the
-    moments' sizes."""
+    moments' sizes. `parts`: into how many runs of consecutive matrices, about equal in elements, `parts`
+    cuts them (a step can then update each run on its own stream)."""
 
     _serials = itertools.count()
 
-    def __init__(self, states: list[dict], numels: list[int], device: torch.device) -> None:
+    def __init__(self, states: list[dict], numels: list[int], device: torch.device, parts: int = 1) -> None:
         self.serial = next(self._serials)  # names this layout in a graph key (an id() could be reused)
         self.quantized = "absmax_exp_avg" in states[0]
         self.starts, self.numels, total = ops.segment_layout(numels, device)
@@ -62,6 +76,25 @@ class FlatMoments:
                 self._entry_states.append(state)
                 self._entry_keys.append(key)
                 self._entry_views.append(state[key])
+        self.parts = self._cut(numels, parts)
+
+    def _cut(self, numels: list[int], count: int) -> list[FlatPart]:
+        prefix = list(itertools.accumulate(numels, initial=0))
+        cuts = [0]
+        for run in range(1, count):
+            # Each run ends where the running total is nearest its share, every run keeping one matrix.
+            if cuts[-1] + 1 >= len(numels):
+                break
+            share = run * prefix[-1] / count
+            cuts.append(min(range(cuts[-1] + 1, len(numels)), key=lambda end: abs(prefix[end] - share)))
+        cuts = sorted(set(cuts)) + [len(numels)]
+        parts = []
+        for first, last in zip(cuts, cuts[1:]):
+            lo = self.spans[first][0]
+            hi = self.spans[last][0] if last < len(self.spans) else self.total
+            starts, part_numels, _ = ops.segment_layout(numels[first:last], self.starts.device)
+            parts.append(FlatPart(first, last, lo, hi, starts, part_numels))
+        return parts
 
     def holds(self, states: list[dict]) -> bool:
         """Whether `states` are this layout's, in order, and every entry is still its view (identity: exact,
@@ -70,9 +103,20 @@ class FlatMoments:
                 and all(map(operator.is_, map(dict.get, self._entry_states, self._entry_keys), self._entry_views)))
 
     def update(self, grad: torch.Tensor, code_signed, code_unsigned, beta1: float, beta2: float, eps: float,
-               scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """`segmented_adam_update` of the flat gradient `grad` (laid out as `spans`) on these moments."""
+               scale: torch.Tensor, out_dtype: torch.dtype, part: FlatPart | None = None) -> torch.Tensor:
+        """`segmented_adam_update` of the flat gradient `grad` (laid out as `spans`) on these moments, or of
+        `part` of them (`grad` then holds that part's elements only); the same bits either way, since each
+        segment is updated on its own."""
+        if part is None:
+            return ops.segmented_adam_update(
+                grad, self.exp_avg, self.exp_avg_sq, self.absmax_exp_avg, self.absmax_exp_avg_sq, code_signed,
+                code_unsigned, self.starts, self.numels, self.step, self.skipped, beta1, beta2, eps, scale, out_dtype,
+            )
+        blocks = slice(part.lo // BLOCK_SIZE, part.hi // BLOCK_SIZE)
         return ops.segmented_adam_update(
-            grad, self.exp_avg, self.exp_avg_sq, self.absmax_exp_avg, self.absmax_exp_avg_sq, code_signed,
-            code_unsigned, self.starts, self.numels, self.step, self.skipped, beta1, beta2, eps, scale, out_dtype,
+            grad, self.exp_avg[part.lo:part.hi], self.exp_avg_sq[part.lo:part.hi],
+            self.absmax_exp_avg[blocks] if self.quantized else None,
+            self.absmax_exp_avg_sq[blocks] if self.quantized else None, code_signed, code_unsigned, part.starts,
+            part.numels, self.step[part.first:part.last], self.skipped[part.first:part.last], beta1, beta2, eps,
+            scale, out_dtype,
         )

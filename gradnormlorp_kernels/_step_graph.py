@@ -49,36 +49,25 @@ def capture(fn: Callable[[], object], device: torch.device, stream: torch.cuda.S
 
 
 class Lanes:
-    """Side streams for the independent per-matrix launches of a capture (projections, project-backs), so
-    that a replay runs several at once: each is a small GEMM that alone leaves most of the GPU idle while it
-    ramps up and drains. Outside a capture everything stays on the current stream (eager launches are
-    host-bound, and their outputs then need no cross-stream bookkeeping). The same kernels run either way,
-    so the results are the same bits."""
+    """Side streams for independent parts of a capture (`count` of them, at most LANES), so that a replay
+    runs them at once: the step's projections and project-backs are small GEMMs that alone leave most of
+    the GPU idle while they ramp up and drain, and its Adam launch is bound by arithmetic, not bytes."""
 
     def __init__(self, device: torch.device) -> None:
         self.streams = [torch.cuda.Stream(device) for _ in range(LANES)]
 
     @contextlib.contextmanager
-    def spread(self, sizes: list[int]) -> Iterator[list]:
-        """Yields one context per item (of `sizes`, its work in any unit): the stream to launch the item on,
-        the least loaded so far. All the streams are ordered after the current one on entry, and the current
-        one after them all on exit."""
-        if not torch.cuda.is_current_stream_capturing():
-            yield [contextlib.nullcontext()] * len(sizes)
-            return
+    def fork(self, count: int) -> Iterator[list]:
+        """Yields `count` stream contexts, each ordered after the current stream, which is ordered after them
+        all on exit."""
         current = torch.cuda.current_stream(self.streams[0].device)
-        load = [0] * len(self.streams)
-        chosen = []
-        for size in sizes:
-            lane = load.index(min(load))
-            load[lane] += size
-            chosen.append(self.streams[lane])
-        for stream in self.streams:
+        streams = self.streams[:count]
+        for stream in streams:
             stream.wait_stream(current)
         try:
-            yield [torch.cuda.stream(stream) for stream in chosen]
+            yield [torch.cuda.stream(stream) for stream in streams]
         finally:
-            for stream in self.streams:
+            for stream in streams:
                 current.wait_stream(stream)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _dispatch, _host_eigh, ops
+from . import _dispatch, _host_eigh, _step_graph, ops
 from ._flat_moments import FlatMoments
 from ._step_graph import FinishGraph, GroupGraphs, Lanes, SketchGraph, SketchRun
 from .ops import refresh as refresh_ops
@@ -413,15 +413,14 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             return True, False
         return True, due and state.get("pending_finish_call", -1) <= calls
 
-    def _spread(self, params: list):
-        """Per parameter, the context to launch its own kernels in: inside a capture on a GPU, one of the
-        device's `Lanes` (balanced by size), else the current stream."""
-        if not params[0].is_cuda:
-            return contextlib.nullcontext([contextlib.nullcontext()] * len(params))
-        key = ("lanes", params[0].device)
+    def _lanes(self, device: torch.device, count: int):
+        """`count` contexts to launch independent work in: the device's `Lanes` when more than one."""
+        if count == 1:
+            return contextlib.nullcontext([contextlib.nullcontext()])
+        key = ("lanes", device)
         if key not in self._side_streams:
-            self._side_streams[key] = Lanes(params[0].device)
-        return self._side_streams[key].spread([p.numel() for p in params])
+            self._side_streams[key] = Lanes(device)
+        return self._side_streams[key].fork(count)
 
     def _side_stream(self, purpose: str, device: torch.device) -> torch.cuda.Stream:
         key = (purpose, device)
@@ -493,39 +492,41 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         """`_update_projected` of every matrix of a group with one Adam launch over `flat` (capturable):
         the projections write into one flat gradient, and a one-sided bf16/fp16 update without decay gets
         its direction already multiplied by lr and rounded, as the per-matrix path rounds it; the result is
-        bit-identical to `_update_projected` matrix by matrix."""
-        shapes, sides = [], []
-        projected = torch.empty(flat.total, dtype=params[0].grad.dtype, device=params[0].device)
-        with self._spread(params) as places:
-            for p, (start, numel), place in zip(params, flat.spans, places):
-                state = self.state[p]
-                left, right = self._sides(group, p.shape)
-                shape = state["exp_avg"].shape
-                with place:
-                    self._project(p.grad, state, left, right, out=projected[start:start + numel].view(shape))
-                shapes.append(shape)
-                sides.append((left, right))
+        bit-identical to `_update_projected` matrix by matrix. Inside a capture each of `flat.parts` runs
+        its projections, Adam launch and project-backs on a stream of its own (`Lanes`), so the replay
+        overlaps the parts' small kernels; the same kernels on the same data, so the same bits."""
+        sides = [self._sides(group, p.shape) for p in params]
         decay = float(group["weight_decay"])
         # Where project_back_update rounds the gated direction to the weight's dtype before its product
         # (triton backend, one-sided, bf16/fp16, no decay), the Adam launch does that rounding instead.
         gated = decay == 0.0 and params[0].is_cuda and params[0].dtype in (torch.bfloat16, torch.float16) and \
             all(left != right for left, right in sides) and \
             _dispatch.select("project_back_update", "cuda")[0] == "triton"
-
         beta1, beta2 = group["betas"]
         codes = (ops.dynamic_map(True, lr.device), ops.dynamic_map(False, lr.device)) if flat.quantized else (None, None)
-        directions = flat.update(projected, *codes, float(beta1), float(beta2), float(group["eps"]),
-                                 lr if gated else torch.ones_like(lr), params[0].dtype if gated else torch.float32)
-        with self._spread(params) as places:
-            for p, (start, numel), shape, (left, right), place in zip(params, flat.spans, shapes, sides, places):
-                state = self.state[p]
+        scale = lr if gated else torch.ones_like(lr)
+        out_dtype = params[0].dtype if gated else torch.float32
+        projected = torch.empty(flat.total, dtype=params[0].grad.dtype, device=params[0].device)
+        parts = flat.parts if len(flat.parts) > 1 and torch.cuda.is_current_stream_capturing() else [None]
+        with self._lanes(params[0].device, len(parts)) as places:
+            for part, place in zip(parts, places):
+                first, last, lo, hi = part[:4] if part else (0, len(params), 0, flat.total)
+                members = list(zip(params[first:last], flat.spans[first:last], sides[first:last]))
                 with place:
-                    gate = self._gate(projected[start:start + numel], group, lr)
-                    ops.project_back_update(
-                        p, directions[start:start + numel].view(shape), state["left"] if left else None,
-                        state["right"] if right else None, float(group["scale"]), decay, gate, with_norm=False,
-                        direction_gated=gated,
-                    )
+                    for p, (start, numel), (left, right) in members:
+                        state = self.state[p]
+                        self._project(p.grad, state, left, right,
+                                      out=projected[start:start + numel].view(state["exp_avg"].shape))
+                    directions = flat.update(projected[lo:hi], *codes, float(beta1), float(beta2),
+                                             float(group["eps"]), scale, out_dtype, part)
+                    for p, (start, numel), (left, right) in members:
+                        state = self.state[p]
+                        gate = self._gate(projected[start:start + numel], group, lr)
+                        ops.project_back_update(
+                            p, directions[start - lo:start - lo + numel].view(state["exp_avg"].shape),
+                            state["left"] if left else None, state["right"] if right else None,
+                            float(group["scale"]), decay, gate, with_norm=False, direction_gated=gated,
+                        )
 
     def _update_plain(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, lr) -> None:
         """A plain AdamW step on the device (capturable), `lr` as in `_update_projected`."""
@@ -662,7 +663,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 flat.holds(kinds.get(flat.quantized, ([], []))[1]) for _, flat in layouts):
             return layouts
         layouts = [
-            (members, FlatMoments(member_states, [s["exp_avg"].numel() for s in member_states], members[0].device))
+            (members, FlatMoments(member_states, [s["exp_avg"].numel() for s in member_states], members[0].device,
+                                  _step_graph.LANES if members[0].is_cuda else 1))
             for members, member_states in kinds.values()
         ]
         self._flat[index] = layouts
