@@ -52,7 +52,7 @@ def main() -> None:
     moved = sum(numels) * (2 + 1 + 1 + 1 + 1 + 2)  # gradient, moments read and written, bf16 direction
     runs = {"segmented_adam_update": segmented, "28 x adam_update + scale": per_matrix}
     if args.configs:
-        for blocks, warps in itertools.product((2, 4, 8, 16), (2, 4, 8)):
+        for blocks, warps in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)):
             def configured(blocks=blocks, warps=warps):
                 kernel._QUANTIZED_BLOCKS, kernel._QUANTIZED_WARPS = blocks, warps
                 try:

@@ -13,10 +13,10 @@ from ..ops.quant8 import BLOCK_SIZE, num_blocks
 from .quant8 import CodeSearch, _quantize_block, code_search
 
 # Rows of BLOCK_SIZE elements per program of the update kernel and its warps: 8-bit states (one row per
-# quantisation block, the absmax of a row reduced inside the program; two rows a program ran 1.6x faster
-# than eight in the segmented kernel, which shares this arithmetic: bench/time_segmented_adam.py
-# --configs), float32 states; elements per program of the finiteness check.
-_QUANTIZED_BLOCKS, _QUANTIZED_WARPS = 2, 4
+# quantisation block, the absmax of a row reduced inside the program; one row on one warp, H200: 237 us at
+# 4096 x 8192 against 294 with two rows on four warps, as in the segmented kernel, which shares this
+# arithmetic), float32 states; elements per program of the finiteness check.
+_QUANTIZED_BLOCKS, _QUANTIZED_WARPS = 1, 1
 _PLAIN_BLOCKS, _PLAIN_WARPS = 4, 4
 _CHECK_BLOCK = 4096
 # Programs the update aims for: a projected state (r x 2048, say) is a few hundred blocks, and 8 blocks a

@@ -16,6 +16,9 @@ from .rounding import _round_to, bitwise_bf16
 
 # Programs the column pass aims for: enough to cover a GPU's multiprocessors several times over.
 _TARGET_PROGRAMS = 512
+# (BLOCK_T, BLOCK_N, warps, stages) of the column pass without adapter factors (norm_coefficients, full mode):
+# H200, g and y 8192 x 4096 bf16, kernel time from CUDA graphs: 44 us against 53 for (32, 128, 4, default).
+PARTIALS_TILE = (64, 64, 4, 4)
 
 
 @triton.jit
@@ -23,7 +26,7 @@ def _column_partials_kernel(
     g_ptr, y_ptr, bias_ptr, xa_ptr, partial_ptr, partial_xa_ptr, rows, cols, rank, rows_per_split,
     stride_g, stride_y, stride_xa,
     HAS_BIAS: tl.constexpr, HAS_XA: tl.constexpr, NATIVE_DOT: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, STAGES: tl.constexpr,
 ):
     col_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -35,7 +38,8 @@ def _column_partials_kernel(
     products = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     g_xa = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     first = split * rows_per_split
-    for start in range(first, tl.minimum(first + rows_per_split, rows), BLOCK_T):
+    # Stages None: the compiler's default pipelining.
+    for start in tl.range(first, tl.minimum(first + rows_per_split, rows), BLOCK_T, num_stages=STAGES):
         row = start + tl.arange(0, BLOCK_T)
         row_mask = row < rows
         row = row.to(tl.int64)  # (T, out) activations may pass 2^31 elements
@@ -148,8 +152,11 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None, gr
         return row_scale, c2, grad_magnitude
     block_r = max(16, triton.next_power_of_2(rank))
     # Tiles whose (block_n, r) accumulator fits in registers without spilling (sm_90 resource report).
-    block_n = 128 if not has_xa else (64 if block_r <= 32 else 32)
-    block_t = 64 if has_xa and block_r <= 32 else 32
+    if has_xa:
+        # Stages None: the loop (with its dot) is pipelined by the compiler's default.
+        block_t, block_n, warps, stages = (64, 64, 4, None) if block_r <= 32 else (32, 32, 4, None)
+    else:
+        block_t, block_n, warps, stages = PARTIALS_TILE
     col_blocks = triton.cdiv(cols, block_n)
     splits = max(1, min(triton.cdiv(rows, block_t), triton.cdiv(_TARGET_PROGRAMS, col_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_t) * block_t
@@ -163,7 +170,7 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None, gr
         grad_out, out, bias if bias is not None else partial, x_A, partial, partial_xa, rows, cols, rank,
         rows_per_split, grad_out.stride(0), out.stride(0), x_A.stride(0) if has_xa else 0,
         HAS_BIAS=bias is not None, HAS_XA=has_xa, NATIVE_DOT=native,
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r, STAGES=stages, num_warps=warps,
     )
     finish_block = 64 if block_r <= 32 else 16
     unused = partial
