@@ -20,7 +20,7 @@ import torch
 from .ops import refresh
 
 GRAPHS_KEPT = 4
-# Side streams a captured step spreads its per-matrix launches over (`Lanes`).
+# Streams a captured step spreads its matrices over (runs of consecutive ones: `FlatMoments.parts`, `Lanes`).
 LANES = 4
 # Captures after which a group that reused too few of them gives up on graphs.
 CAPTURES_BEFORE_GIVING_UP = 8
@@ -49,18 +49,21 @@ def capture(fn: Callable[[], object], device: torch.device, stream: torch.cuda.S
 
 
 class Lanes:
-    """Side streams for independent parts of a capture (`count` of them, at most LANES), so that a replay
-    runs them at once: the step's projections and project-backs are small GEMMs that alone leave most of
-    the GPU idle while they ramp up and drain, and its Adam launch is bound by arithmetic, not bytes."""
+    """Side streams for independent parts of a capture, so that a replay runs them at once: the step's
+    projections and project-backs are small GEMMs that alone leave most of the GPU idle while they ramp up
+    and drain, and its Adam launches are bound by arithmetic, not bytes."""
 
     def __init__(self, device: torch.device) -> None:
-        self.streams = [torch.cuda.Stream(device) for _ in range(LANES)]
+        self.device = device
+        self.streams: list[torch.cuda.Stream] = []
 
     @contextlib.contextmanager
     def fork(self, count: int) -> Iterator[list]:
         """Yields `count` stream contexts, each ordered after the current stream, which is ordered after them
         all on exit."""
-        current = torch.cuda.current_stream(self.streams[0].device)
+        while len(self.streams) < count:
+            self.streams.append(torch.cuda.Stream(self.device))
+        current = torch.cuda.current_stream(self.device)
         streams = self.streams[:count]
         for stream in streams:
             stream.wait_stream(current)

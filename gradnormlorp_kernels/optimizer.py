@@ -489,7 +489,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         return grad if out is None else out.copy_(grad)
 
     def _update_projected_flat(self, params: list, group: dict, flat: FlatMoments, lr: torch.Tensor) -> None:
-        """`_update_projected` of every matrix of a group with one Adam launch over `flat` (capturable):
+        """`_update_projected` of every matrix of a group with one Adam launch over `flat`, or one a part of it
+        inside a capture (capturable):
         the projections write into one flat gradient, and a one-sided bf16/fp16 update without decay gets
         its direction already multiplied by lr and rounded, as the per-matrix path rounds it; the result is
         bit-identical to `_update_projected` matrix by matrix. Inside a capture each of `flat.parts` runs

@@ -19,10 +19,10 @@ from .rounding import _round_to, bitwise_bf16
 
 _CHECK_ROWS = 32  # quantisation blocks per program of the check: 8192 elements
 _SEGMENT_CHUNK = 128  # segments the check's last program advances at a time
-# Quantisation blocks per program of the update and warps, 8-bit states, then float32: one block on one warp
-# a program was fastest for 8-bit at LLaMA-1B's projected moments (bench/time_segmented_adam.py --configs, H200: 130 us
-# for 12.6M elements, 143 with two blocks on four warps, 226 with eight blocks): the kernel is bound by its
-# table lookups, and small programs keep more of them in flight.
+# Quantisation blocks per program of the update and warps, 8-bit states, then float32: for 8-bit, one block on
+# one warp a program was fastest at LLaMA-1B's projected moments (bench/time_segmented_adam.py --configs, H200:
+# 130 us for 12.6M elements, 143 with two blocks on four warps, 226 with eight blocks): the kernel is bound by
+# its table lookups, and small programs keep more of them in flight.
 _QUANTIZED_BLOCKS, _QUANTIZED_WARPS = 1, 1
 _PLAIN_BLOCKS, _PLAIN_WARPS = 2, 4
 
