@@ -57,6 +57,7 @@ def _compile_cases():
     bf16_w = {"w_ptr": "*bf16"}
     lora = {"w_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16"}
     grads = {"g_ptr": "*bf16", "y_ptr": "*bf16", "bias_ptr": "*bf16", "xa_ptr": "*bf16"}
+    plain_tile = norm_coefficients.PARTIALS_TILE  # (BLOCK_T, BLOCK_N, warps, stages)
     back = {"LOW_RANK": True, "BITWISE_BF16": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32}
     finish_bf16 = {name: "*bf16" for name in ("magnitude_ptr", "b_ptr", "grad_magnitude_ptr", "grad_b_ptr",
                                                "b_scaled_ptr", "b_c2_ptr")}
@@ -70,9 +71,14 @@ def _compile_cases():
                  "STAGES": norm_stages}
     return _row_norm_compile_cases(row_norm, bf16_w, lora) + [
         ("column_partials-r16", norm_coefficients._column_partials_kernel, grads,
-         {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_R": 16}, 4, {}),
+         {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_R": 16,
+          "STAGES": None}, 4, {}),
         ("column_partials-r128", norm_coefficients._column_partials_kernel, grads,
-         {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 32, "BLOCK_N": 32, "BLOCK_R": 128}, 4, {}),
+         {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 32, "BLOCK_N": 32, "BLOCK_R": 128,
+          "STAGES": None}, 4, {}),
+        ("column_partials-plain", norm_coefficients._column_partials_kernel, grads,
+         {"HAS_BIAS": False, "HAS_XA": False, "NATIVE_DOT": False, "BLOCK_T": plain_tile[0], "BLOCK_N": plain_tile[1],
+          "BLOCK_R": 16, "STAGES": plain_tile[3]}, plain_tile[2], {}),
         ("finish_coefficients-r128", norm_coefficients._finish_coefficients_kernel, finish_bf16,
          {**finish, "BLOCK_N": 16, "BLOCK_R": 128}, 4, {}),
         ("finish_coefficients-r16", norm_coefficients._finish_coefficients_kernel, finish_bf16,
