@@ -76,6 +76,7 @@ class FlatMoments:
                 self._entry_states.append(state)
                 self._entry_keys.append(key)
                 self._entry_views.append(state[key])
+        self.whole = FlatPart(0, len(states), 0, total, self.starts, self.numels)
         self.parts = self._cut(numels, parts)
 
     def _cut(self, numels: list[int], count: int) -> list[FlatPart]:
@@ -88,6 +89,8 @@ class FlatMoments:
             share = run * prefix[-1] / count
             cuts.append(min(range(cuts[-1] + 1, len(numels)), key=lambda end: abs(prefix[end] - share)))
         cuts = sorted(set(cuts)) + [len(numels)]
+        if len(cuts) == 2:
+            return [self.whole]
         parts = []
         for first, last in zip(cuts, cuts[1:]):
             lo = self.spans[first][0]
@@ -104,14 +107,10 @@ class FlatMoments:
 
     def update(self, grad: torch.Tensor, code_signed, code_unsigned, beta1: float, beta2: float, eps: float,
                scale: torch.Tensor, out_dtype: torch.dtype, part: FlatPart | None = None) -> torch.Tensor:
-        """`segmented_adam_update` of the flat gradient `grad` (laid out as `spans`) on these moments, or of
-        `part` of them (`grad` then holds that part's elements only); the same bits either way, since each
-        segment is updated on its own."""
-        if part is None:
-            return ops.segmented_adam_update(
-                grad, self.exp_avg, self.exp_avg_sq, self.absmax_exp_avg, self.absmax_exp_avg_sq, code_signed,
-                code_unsigned, self.starts, self.numels, self.step, self.skipped, beta1, beta2, eps, scale, out_dtype,
-            )
+        """`segmented_adam_update` of the flat gradient `grad` on `part` of these moments (default: `whole`;
+        `grad` holds that part's elements, laid out as `spans` from `part.lo`). The same bits part by part
+        as at once, since each segment is updated on its own."""
+        part = self.whole if part is None else part
         blocks = slice(part.lo // BLOCK_SIZE, part.hi // BLOCK_SIZE)
         return ops.segmented_adam_update(
             grad, self.exp_avg[part.lo:part.hi], self.exp_avg_sq[part.lo:part.hi],

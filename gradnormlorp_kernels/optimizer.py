@@ -508,10 +508,10 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         scale = lr if gated else torch.ones_like(lr)
         out_dtype = params[0].dtype if gated else torch.float32
         projected = torch.empty(flat.total, dtype=params[0].grad.dtype, device=params[0].device)
-        parts = flat.parts if len(flat.parts) > 1 and torch.cuda.is_current_stream_capturing() else [None]
+        parts = flat.parts if len(flat.parts) > 1 and torch.cuda.is_current_stream_capturing() else [flat.whole]
         with self._lanes(params[0].device, len(parts)) as places:
             for part, place in zip(parts, places):
-                first, last, lo, hi = part[:4] if part else (0, len(params), 0, flat.total)
+                first, last, lo, hi = part.first, part.last, part.lo, part.hi
                 members = list(zip(params[first:last], flat.spans[first:last], sides[first:last]))
                 with place:
                     for p, (start, numel), (left, right) in members:
