@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
+import operator
 from typing import Any
 
 import torch
@@ -17,6 +19,11 @@ from .ops import refresh as refresh_ops
 from .layer import GradNormLoRPLinear
 
 logger = logging.getLogger(__name__)
+
+# What the graphed step reads of every tensor, each in one C-level `map` (it runs before each replay).
+_GRAD = operator.attrgetter("grad")
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE_DTYPE_DEVICE_LAYOUT = operator.attrgetter("shape", "dtype", "device", "layout")
 
 PROJ_TYPES = ("std", "left", "right", "two_sided")
 REFRESH_METHODS = ("randomized", "svd")
@@ -147,6 +154,11 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         self._graphs: dict[int, GroupGraphs] = {}  # by group index
         # By group index: the matrices of each moment kind, whose moments one launch steps.
         self._flat: dict[int, list[tuple[list, FlatMoments]]] = {}
+        # By group index: its parameters' addresses, (shape, dtype, device, layout) and whether they share a
+        # dtype (`_graph_states`), and
+        # its states, their projectors and those addresses (`_projector_addresses`).
+        self._checked: dict[int, tuple] = {}
+        self._projectors: dict[int, tuple] = {}
         if isinstance(params_or_model, nn.Module):
             params = _model_groups(params_or_model)
         else:
@@ -280,6 +292,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 kept.copy_(projector)
             else:
                 state[side] = projector
+                self._projectors.clear()  # a graph key names the projectors by address
         state["refreshes"] += 1
         return True
 
@@ -597,39 +610,58 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            graphed = self._graph_states(index, params)
+            params = group["params"]
+            grads = list(map(_GRAD, params))
+            if not all(map(operator.is_not, grads, itertools.repeat(None))):
+                params = [p for p, grad in zip(params, grads) if grad is not None]
+                grads = [grad for grad in grads if grad is not None]
+            graphed = self._graph_states(index, params, grads)
             if graphed is not None:
-                self._step_group_graphed(index, group, params, *graphed)
+                self._step_group_graphed(index, group, params, grads, *graphed)
             else:
-                for p in params:
-                    self.step_parameter(p, p.grad, group)
+                for p, grad in zip(params, grads):
+                    self.step_parameter(p, grad, group)
         return loss
 
-    def _graph_states(self, index: int, params: list) -> tuple[list[dict], list[torch.Tensor]] | None:
-        """(states, gradients) of the group when its step can replay a graph: on the GPU, past the first step
-        (states exist), outside another capture or compilation, and not given up on; else None. A gradient
-        that does not match its parameter raises, as on the per-matrix path.
+    def _graph_states(self, index: int, params: list, grads: list) -> tuple[list[dict], tuple, bool] | None:
+        """(the states of the group's matrices, the parameters' addresses, whether every parameter and gradient
+        has one dtype) when its step can replay a graph:
+        on the GPU, past the first step (states exist), every tensor dense and on one device, outside another
+        capture or compilation, and not given up on; else None. A gradient that does not match its parameter
+        raises, as on the per-matrix path.
 
-        Everything here and up to the replay runs before the step's first kernel, at every step: each
-        parameter's attributes are read once."""
+        Everything from here up to the replay runs before the step's first kernel, at every step: each kind
+        of attribute is read in one C-level `map`, and the parameters' shapes, dtypes and devices are read
+        again only when their addresses change."""
         if not (params and self._graphable(params[0])) or (index in self._graphs and self._graphs[index].given_up):
             return None
-        states, grads = [], []
-        for p in params:
-            state, grad = self.state[p], p.grad
-            if not p.is_cuda or "exp_avg" not in state or grad.is_sparse:
+        addresses = tuple(map(torch.Tensor.data_ptr, params))
+        checked = self._checked.get(index)
+        if checked is None or checked[0] != addresses:
+            layouts = list(map(_SHAPE_DTYPE_DEVICE_LAYOUT, params))
+            device = params[0].device
+            if sum(layout[2] == device and layout[3] == torch.strided for layout in layouts) != len(params):
                 return None
-            if grad.shape != p.shape or grad.device != p.device:
-                self._check_grad(p, grad)
-            states.append(state)
-            grads.append(grad)
-        return states, grads
+            one_dtype = sum(layout[1] == layouts[0][1] for layout in layouts) == len(params)
+            self._checked[index] = checked = (addresses, layouts, one_dtype)
+        one_dtype = checked[2]
+        if list(map(_SHAPE_DTYPE_DEVICE_LAYOUT, grads)) != checked[1]:
+            for p, grad in zip(params, grads):  # in order, as the per-matrix path would meet them
+                if grad.is_sparse:
+                    return None
+                if grad.shape != p.shape or grad.device != p.device:
+                    self._check_grad(p, grad)
+            one_dtype = one_dtype and len(set(map(_DTYPE, grads))) == 1
+        states = list(map(self.state.__getitem__, params))
+        if not all(map(operator.contains, states, itertools.repeat("exp_avg"))):
+            return None
+        return states, addresses, one_dtype
 
-    def _graph_key(self, group: dict, params: list, states: list, grads: list, flat: list | None = None) -> tuple:
+    def _graph_key(self, index: int, group: dict, params: list, grads: list, states: list, addresses: tuple,
+                   flat: list | None = None) -> tuple:
         """Everything a captured step depends on besides lr: tensor addresses and layouts, the settings.
-        Moments held by flat layouts are named by their serials (they do not move while held); their
-        gradients share one dtype, and a contiguous gradient's strides follow from its (checked) shape."""
+        Moments held by flat layouts are named by their serials (they do not move while held), projectors by
+        their addresses (`_projector_addresses`); the gradients share one dtype there."""
         key: list = [_dispatch.current_preference(), group["project"], tuple(group["betas"]), group["eps"],
                      group["weight_decay"], group["scale"], group["proj_type"], group["state_bits"]]
         if flat is None:
@@ -640,17 +672,35 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             return tuple(key)
         key.append(tuple(layout.serial for _, layout in flat))
         key.append(grads[0].dtype)
-        key.append(tuple(map(torch.Tensor.data_ptr, params)))
+        key.append(addresses)
         key.append(tuple(map(torch.Tensor.data_ptr, grads)))
-        key.append(tuple(None if grad.is_contiguous() else grad.stride() for grad in grads))
-        key.append(tuple((k, state[k].data_ptr()) for state in states for k in ("left", "right") if k in state))
+        key.append(tuple(map(torch.Tensor.stride, grads)))
+        key.append(self._projector_addresses(index, states))
         return tuple(key)
 
+    def _projector_addresses(self, index: int, states: list) -> tuple:
+        """The addresses of the group's projectors, kept while each state still holds the same projector
+        tensors (refreshes write them in place; `_refresh` forgets this when it makes a new one)."""
+        kept = self._projectors.get(index)
+        if kept is not None:
+            kept_states, entry_states, entry_keys, entry_tensors, addresses = kept
+            if len(kept_states) == len(states) and all(map(operator.is_, states, kept_states)) and \
+                    all(map(operator.is_, map(dict.get, entry_states, entry_keys), entry_tensors)):
+                return addresses
+        entries = [(state, side) for state in states for side in ("left", "right") if side in state]
+        entry_states = [state for state, _ in entries]
+        entry_keys = [side for _, side in entries]
+        entry_tensors = list(map(dict.get, entry_states, entry_keys))
+        addresses = tuple(zip(entry_keys, map(torch.Tensor.data_ptr, entry_tensors)))
+        self._projectors[index] = (list(states), entry_states, entry_keys, entry_tensors, addresses)
+        return addresses
+
     def _flat_moments(self, index: int, params: list, states: list,
-                      grads: list) -> list[tuple[list, FlatMoments]] | None:
+                      one_dtype: bool) -> list[tuple[list, FlatMoments]] | None:
         """The group's matrices by moment kind (8-bit, float32), each kind's moments flat (built, states
-        copied in, when the states are not its views); None when they cannot share Adam launches."""
-        if len({grad.dtype for grad in grads}) != 1 or len({p.dtype for p in params}) != 1:
+        copied in, when the states are not its views); None when they cannot share Adam launches (not
+        `one_dtype`: the parameters and gradients are not all of one dtype)."""
+        if not one_dtype:
             return None
         layouts = self._flat.get(index, [])
         if len(layouts) == 1 and layouts[0][1].holds(states):  # one kind of moments, as built: the usual case
@@ -671,16 +721,30 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         self._flat[index] = layouts
         return layouts
 
-    def _step_group_graphed(self, index: int, group: dict, params: list, states: list, grads: list) -> None:
+    def _advance_graphed(self, group: dict, params: list, grads: list, states: list) -> tuple[list, list]:
+        """The host-side part of a graphed projected step (`_advance_projected` of every matrix): returns
+        the parameters whose refresh begins after the update, and the (state, taken pending sketches) pairs
+        of the refreshes this step finishes."""
+        refresh_after, finishing = [], []
+        for p, grad, state in zip(params, grads, states):  # every matrix has its projector here: none is skipped
+            if self._finishing(state):  # taken first: this step may begin the matrix's next refresh
+                finishing.append((state, self._take_pending(state)))
+            if self._advance_projected(p, grad, group, state)[1]:
+                refresh_after.append(p)
+        return refresh_after, finishing
+
+    def _step_group_graphed(self, index: int, group: dict, params: list, grads: list, states: list,
+                            addresses: tuple, one_dtype: bool) -> None:
+        """A group's step as a graph replay. Its host-side bookkeeping (counters, which refreshes are due)
+        runs after the replay is launched, so that the GPU is not kept waiting for it, except where an exact
+        ("svd") refresh may write projectors before the update."""
         refresh_after, finishing = [], []
         flat = None
         if group["project"]:
-            for p, grad, state in zip(params, grads, states):  # every matrix has its projector here: none is skipped
-                if self._finishing(state):  # taken first: this step may begin the matrix's next refresh
-                    finishing.append((state, self._take_pending(state)))
-                if self._advance_projected(p, grad, group, state)[1]:
-                    refresh_after.append(p)
-            flat = self._flat_moments(index, params, states, grads)
+            exact = group["refresh"] == "svd"
+            if exact:
+                refresh_after, finishing = self._advance_graphed(group, params, grads, states)
+            flat = self._flat_moments(index, params, states, one_dtype)
 
             def update_all(lr):
                 if flat is not None:
@@ -699,13 +763,16 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         grads_ready.record(main)
         graphs = self._graphs.get(index) or self._graphs.setdefault(index, GroupGraphs())
         try:
-            graphs.run(self._graph_key(group, params, states, grads, flat), update_all, params[0].device, group["lr"])
+            key = self._graph_key(index, group, params, grads, states, addresses, flat)
+            graphs.run(key, update_all, device, group["lr"])
         except RuntimeError as exc:  # capture is an optimisation (and runs nothing): launch one by one instead
             logger.warning("GradNormLoRPAdamW: CUDA graph capture failed (%s); stepping without graphs", exc)
             graphs.give_up()
             update = self._update_projected if group["project"] else self._update_plain
             for p in params:
                 update(p, p.grad, group, self.state[p], group["lr"])
+        if group["project"] and not exact:
+            refresh_after, finishing = self._advance_graphed(group, params, grads, states)
         beside = []
         advancing = [state for state in states if id(state) in self._sketching] if self._sketching else []
         if advancing or refresh_after:
@@ -744,6 +811,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 run.cancel()
         self._sketching.clear()
         self._flat.clear()
+        self._projectors.clear()
+        self._checked.clear()
         ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(ids, params):

@@ -124,3 +124,40 @@ def test_state_dict_round_trip_between_graph_steps(gap, spread):
     restored.load_state_dict(saved)
     _step_both(5 + gap, torch.bfloat16, {}, persistent_grads=True, start=4, made=((params, restored), eager))
     assert restored._graphs and all(g.reuses > 0 for g in restored._graphs.values())
+
+
+def test_graph_step_with_exact_refreshes():
+    """refresh="svd": the refresh writes the projectors before the update, so its bookkeeping runs before
+    the replay (a randomized refresh's runs after the replay is launched)."""
+    (_, optimizer), _ = _step_both(8, torch.bfloat16, dict(refresh="svd"), persistent_grads=True)
+    assert optimizer._graphs[0].reuses > 0
+
+
+def test_mismatched_gradient_raises_before_the_replay_and_changes_nothing():
+    """A gradient swapped for one of another shape through `.data` (which skips `p.grad = ...`'s checks) is
+    caught by the graphed step's checks: ValueError, and no weight or state changed."""
+    (graphed, optimizer), _ = _step_both(3, torch.bfloat16, {}, persistent_grads=True)
+    for p in graphed:
+        p.grad = torch.randn_like(p)
+    graphed[1].grad.data = torch.randn(graphed[1].shape[::-1], device="cuda").to(torch.bfloat16)
+    before = [p.clone() for p in graphed]
+    calls = [optimizer.state[p].get("calls") for p in graphed]
+    with pytest.raises(ValueError, match="does not match its parameter"):
+        optimizer.step()
+    for p, kept, call in zip(graphed, before, calls):
+        torch.testing.assert_close(p, kept, rtol=0, atol=0)
+        assert optimizer.state[p].get("calls") == call
+
+
+def test_parameters_and_projectors_that_move_are_stepped_where_they_are_now():
+    """A weight moved to new memory (`p.data = ...`) and a projector replaced by a new tensor of other values:
+    the next graphed step steps and reads the new tensors (bit-identical to the launch-by-launch step)."""
+    made = _step_both(3, torch.bfloat16, {}, persistent_grads=True)
+    (graphed, optimizer), (eager, opt_eager) = made
+    for opt, params in ((optimizer, graphed), (opt_eager, eager)):
+        params[0].data = params[0].data.clone()
+        state = opt.state[params[2]]
+        side = "left" if "left" in state else "right"
+        state[side] = state[side].flip(1).contiguous()
+    _step_both(3, torch.bfloat16, {}, persistent_grads=True, start=3, made=made)
+    assert optimizer._graphs[0].captures >= 2
