@@ -155,8 +155,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         # By group index: the matrices of each moment kind, whose moments one launch steps.
         self._flat: dict[int, list[tuple[list, FlatMoments]]] = {}
         # By group index: its parameters' addresses, (shape, dtype, device, layout) and whether they share a
-        # dtype (`_graph_states`), and
-        # its states, their projectors and those addresses (`_projector_addresses`).
+        # dtype (`_graph_states`); its states, their projectors and those addresses (`_projector_addresses`).
         self._checked: dict[int, tuple] = {}
         self._projectors: dict[int, tuple] = {}
         if isinstance(params_or_model, nn.Module):
