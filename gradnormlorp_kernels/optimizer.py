@@ -623,9 +623,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         return loss
 
     def _graph_states(self, index: int, params: list, grads: list) -> tuple[list[dict], tuple, bool] | None:
-        """(the states of the group's matrices, the parameters' addresses, whether every parameter and gradient
-        has one dtype) when its step can replay a graph:
-        on the GPU, past the first step (states exist), every tensor dense and on one device, outside another
+        """(the states of the group's matrices, the parameters' addresses, whether the parameters share one
+        dtype and the gradients one) when its step can replay a graph: on the GPU, past the first step (states exist), every tensor dense and on one device, outside another
         capture or compilation, and not given up on; else None. A gradient that does not match its parameter
         raises, as on the per-matrix path.
 
@@ -698,7 +697,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                       one_dtype: bool) -> list[tuple[list, FlatMoments]] | None:
         """The group's matrices by moment kind (8-bit, float32), each kind's moments flat (built, states
         copied in, when the states are not its views); None when they cannot share Adam launches (not
-        `one_dtype`: the parameters and gradients are not all of one dtype)."""
+        `one_dtype`: the parameters, or the gradients, are not all of one dtype)."""
         if not one_dtype:
             return None
         layouts = self._flat.get(index, [])
