@@ -624,8 +624,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
 
     def _graph_states(self, index: int, params: list, grads: list) -> tuple[list[dict], tuple, bool] | None:
         """(the states of the group's matrices, the parameters' addresses, whether the parameters share one
-        dtype and the gradients one) when its step can replay a graph: on the GPU, past the first step (states exist), every tensor dense and on one device, outside another
-        capture or compilation, and not given up on; else None. A gradient that does not match its parameter
+        dtype and the gradients one) when its step can replay a graph: on the GPU, past the first step
+        (states exist), every tensor dense and on one device, outside another capture or compilation, and not
+        given up on; else None. A gradient that does not match its parameter
         raises, as on the per-matrix path.
 
         Everything from here up to the replay runs before the step's first kernel, at every step: each kind
