@@ -39,7 +39,8 @@ def capture(fn: Callable[[], object], device: torch.device, stream: torch.cuda.S
     current = torch.cuda.current_stream(device)
     stream.wait_stream(current)
     with torch.cuda.stream(stream):
-        graph.capture_begin(pool=pool)
+        # thread_local: the eigendecomposition worker (`_device_eigh`) may synchronise meanwhile.
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
         try:
             outputs = fn()
         finally:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _dispatch, _host_eigh, _step_graph, ops
+from . import _device_eigh, _dispatch, _host_eigh, _step_graph, ops
 from ._flat_moments import FlatMoments
 from ._step_graph import FinishGraph, GroupGraphs, Lanes, SketchGraph, SketchRun
 from .ops import refresh as refresh_ops
@@ -36,11 +36,15 @@ POWER_ITERS = 2
 # What a sketched refresh keeps in the state until a later step finishes it.
 PENDING = ("basis", "gram", "healthy")
 # Gaps from which a randomized refresh's sketch is spread over steps, one part a step (each part short
-# enough to run beside a step's update), and finished two steps after its last part (by then the host
-# has solved its eigendecomposition); with shorter gaps it is sketched at once and finished the next step.
-# Spreading puts the new projector in effect three steps later: at most 3% of a gap from 100 on (GaLore's
-# default gap is 200), while short gaps, which ask for fresh projectors, keep the quick schedule.
+# enough to run beside a step's update), and finished HOST_SOLVE_LAG steps after its last part (by then the
+# host has solved its eigendecomposition), or DEVICE_SOLVE_LAG steps after it where cuSOLVER solves it on a
+# GPU (k above _host_eigh.MAX_K: 6-8 ms at k = 520 on an H200, a few steps' time); with shorter gaps it is
+# sketched at once and finished the next step. Spreading puts the new projector in effect three (host) or
+# five (GPU) steps later: at most 3% or 5% of a gap from 100 on (GaLore's default gap is 200), while short
+# gaps, which ask for fresh projectors, keep the quick schedule.
 SPREAD_MIN_GAP = 100
+HOST_SOLVE_LAG = 2
+DEVICE_SOLVE_LAG = 4
 
 
 def _number(name: str, value, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
@@ -279,7 +283,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 basis, gram, healthy = run.complete()
                 # Written the way later refreshes are (so a GPU captures their graph here, not mid-run).
                 projector = torch.full((basis.shape[0], rank), torch.nan, dtype=grad.dtype, device=grad.device)
-                self._write_projector(projector, basis, _host_eigh.ritz_vectors(gram, healthy), healthy, rank)
+                self._write_projector(projector, basis, *self._ritz_vectors(gram, healthy), rank)
                 if not bool(torch.isfinite(projector).all()):  # a first projector only
                     projector = ops.svd_projector(grad, rank, side)
             # Kept in the gradient's dtype (bf16 for bf16 weights, as GaLore does): half the bytes of
@@ -312,9 +316,17 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         synchronisation."""
         spread = group["update_proj_gap"] >= SPREAD_MIN_GAP
         call = state["calls"] - 1  # this step's: the counter has moved on
-        state["pending_finish_call"] = call + (refresh_ops.sketch_parts(POWER_ITERS) + 1 if spread else 1)
+        sides = [side for side, wanted in (("left", left), ("right", right)) if wanted]
+        if spread:
+            on_device = grad.is_cuda and max(
+                refresh_ops.sketch_size(refresh_ops.oriented(grad, side).shape, group["rank"], OVERSAMPLE)
+                for side in sides) > _host_eigh.MAX_K
+            lag = DEVICE_SOLVE_LAG if on_device else HOST_SOLVE_LAG
+            state["pending_finish_call"] = call + refresh_ops.sketch_parts(POWER_ITERS) - 1 + lag
+        else:
+            state["pending_finish_call"] = call + 1
         runs = [(side, self._start_sketch(grad, group["rank"], side, self._refresh_seed(state, side), spread))
-                for side, wanted in (("left", left), ("right", right)) if wanted]
+                for side in sides]
         state["refreshes"] += 1
         self._sketching[id(state)] = (state, runs)
         self._advance_sketch(state, everything=not spread)
@@ -331,6 +343,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 gram, healthy = state[f"pending_{side}_gram"], state[f"pending_{side}_healthy"]
                 if _host_eigh.on_host(gram):
                     self._eigh_jobs[id(gram)] = (gram, _host_eigh.start(gram, healthy))
+                elif _device_eigh.takes(gram) and not torch.cuda.is_current_stream_capturing():
+                    self._eigh_jobs[id(gram)] = (gram, _device_eigh.start(
+                        gram, healthy, self._side_stream("solve", gram.device)))
         if not any(run.busy for _, run in runs):
             del self._sketching[id(state)]
 
@@ -358,12 +373,23 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         projector, decided on the device. `before_write`: an event the current stream waits for before
         overwriting the projector."""
         for side, basis, gram, healthy, job in taken:
-            vectors = _host_eigh.ritz_vectors(gram, healthy, job)
             if before_write is not None:
                 stream = torch.cuda.current_stream(basis.device)
                 for tensor in (basis, gram, healthy):  # a loaded state's were made on another stream
                     tensor.record_stream(stream)
+            vectors, healthy = self._ritz_vectors(gram, healthy, job)
             self._write_projector(state[side], basis, vectors, healthy, group["rank"], before_write)
+
+    @staticmethod
+    def _ritz_vectors(gram: torch.Tensor, healthy: torch.Tensor, job=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`ops.refresh.ritz_vectors(gram, healthy)`, healthy and the solve succeeded): from `job` (what
+        `_host_eigh.start` or `_device_eigh.start` returned for them) when given, else solved now by the same
+        routine that such a job runs (the same bits)."""
+        if isinstance(job, _device_eigh.Job):
+            return job.collect()
+        if job is None and _device_eigh.takes(gram):
+            return _device_eigh.solve(gram, healthy)
+        return _host_eigh.ritz_vectors(gram, healthy, job), healthy
 
     def _graphable(self, tensor: torch.Tensor) -> bool:
         return self.cuda_graph and tensor.is_cuda and not torch.compiler.is_compiling() and \

@@ -8,7 +8,7 @@ states over many steps (refreshes, an lr schedule, a non-finite gradient, weight
 import pytest
 import torch
 
-from gradnormlorp_kernels import GradNormLoRPAdamW
+from gradnormlorp_kernels import GradNormLoRPAdamW, _device_eigh, _host_eigh
 from gradnormlorp_kernels import optimizer as optimizer_module
 
 pytestmark = pytest.mark.gpu
@@ -23,6 +23,22 @@ SPREAD_GAP = 8
 @pytest.fixture
 def spread(monkeypatch):
     monkeypatch.setattr(optimizer_module, "SPREAD_MIN_GAP", SPREAD_GAP)
+
+
+@pytest.fixture
+def device_solves(monkeypatch):
+    """Every eigendecomposition on cuSOLVER from the worker (`_device_eigh`), as those of k > MAX_K are;
+    yields the list of the jobs started."""
+    monkeypatch.setattr(_host_eigh, "MAX_K", 0)
+    started = []
+    start = _device_eigh.start
+
+    def counted(*args):
+        started.append(start(*args))
+        return started[-1]
+
+    monkeypatch.setattr(_device_eigh, "start", counted)
+    return started
 
 
 def _make(dtype, cuda_graph, seed=0, shapes=PROJECTED_SHAPES, **kwargs):
@@ -124,6 +140,45 @@ def test_state_dict_round_trip_between_graph_steps(gap, spread):
     restored.load_state_dict(saved)
     _step_both(5 + gap, torch.bfloat16, {}, persistent_grads=True, start=4, made=((params, restored), eager))
     assert restored._graphs and all(g.reuses > 0 for g in restored._graphs.values())
+
+
+def test_device_solved_refreshes_are_bit_identical(spread, device_solves):
+    """k above the host's limit: each sketch's eigendecomposition starts on the cuSOLVER worker when the sketch
+    completes, and the refresh finishes DEVICE_SOLVE_LAG steps after the last part (graph and eager alike)."""
+    made = tuple(_make(torch.bfloat16, graphed, shapes=[(48, 32)] * 4 + PROJECTED_SHAPES, update_proj_gap=SPREAD_GAP)
+                 for graphed in (True, False))
+    (_, optimizer), _ = _step_both(2 * SPREAD_GAP + 6, torch.bfloat16, {}, persistent_grads=True, made=made)
+    assert len(device_solves) >= 9, "the later refreshes start jobs"
+    assert all(job._future.done() for job in device_solves)
+
+
+@pytest.mark.parametrize("occasion", [0, 2])
+def test_state_dict_round_trip_inside_device_solved_refreshes(occasion, spread, device_solves):
+    """A checkpoint taken while solves are in flight on the worker (sketches complete, refreshes not finished)
+    resumes with the same bits: the loaded pending sketches are solved by the same routine on the step that
+    finishes them. `occasion`: how many such steps to pass before the cut."""
+    # Two matrices due half a gap apart: some steps have neither sketching.
+    shapes = [(48, 32), (40, 136)]
+    made = tuple(_make(torch.bfloat16, graphed, shapes=shapes, update_proj_gap=SPREAD_GAP) for graphed in (True, False))
+    made = _step_both(1, torch.bfloat16, {}, persistent_grads=True, made=made)
+    cut, seen = 1, 0
+    while True:
+        (graphed, optimizer), eager = made
+        in_flight = any(optimizer._pending(state) for state in optimizer.state.values())
+        if in_flight and not optimizer._sketching and not eager[1]._sketching:
+            if seen == occasion:
+                break
+            seen += 1
+        assert cut < 4 * SPREAD_GAP, "no step with solves in flight and no sketch in progress"
+        made = _step_both(1, torch.bfloat16, {}, persistent_grads=True, start=cut, made=made)
+        cut += 1
+    saved = optimizer.state_dict()
+    params, restored = _make(torch.bfloat16, True, shapes=shapes, update_proj_gap=SPREAD_GAP)
+    with torch.no_grad():
+        for p, q in zip(params, graphed):
+            p.copy_(q)
+    restored.load_state_dict(saved)
+    _step_both(SPREAD_GAP + 4, torch.bfloat16, {}, persistent_grads=True, start=cut, made=((params, restored), eager))
 
 
 def test_graph_step_with_exact_refreshes():
