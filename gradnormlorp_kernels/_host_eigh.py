@@ -10,7 +10,8 @@ solves, and the finishing step collects the vectors and copies them back on its 
 The worker makes no CUDA call (it reads pinned memory the copy engine writes), so it cannot disturb a
 stream capture in another thread. Every CUDA eigendecomposition up to `MAX_K` goes through it, also when no
 job was started (a loaded state's pending sketch): the same LAPACK call on the same thread, so a resumed
-run gets the same bits. Above `MAX_K` the host's cubic cost outgrows a step and cuSOLVER keeps the job.
+run gets the same bits. Above `MAX_K` the host's cubic cost outgrows a step, and cuSOLVER solves it from a
+worker of its own (`_device_eigh`).
 """
 
 from __future__ import annotations
