@@ -27,9 +27,14 @@ _start_lock = threading.Lock()
 _worker: concurrent.futures.ThreadPoolExecutor | None = None
 
 
+def takes_size(k: int, device: torch.device) -> bool:
+    """Whether a k x k Gram matrix on `device` is solved here: on a GPU, larger than the host worker takes."""
+    return device.type == "cuda" and k > _host_eigh.MAX_K
+
+
 def takes(gram: torch.Tensor) -> bool:
-    """Whether a job for this Gram matrix runs here: a CUDA one that the host worker does not take."""
-    return gram.is_cuda and not _host_eigh.on_host(gram)
+    """`takes_size` for this Gram matrix."""
+    return takes_size(gram.shape[-1], gram.device)
 
 
 def solve(gram: torch.Tensor, healthy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

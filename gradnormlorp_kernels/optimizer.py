@@ -318,9 +318,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         call = state["calls"] - 1  # this step's: the counter has moved on
         sides = [side for side, wanted in (("left", left), ("right", right)) if wanted]
         if spread:
-            on_device = grad.is_cuda and max(
-                refresh_ops.sketch_size(refresh_ops.oriented(grad, side).shape, group["rank"], OVERSAMPLE)
-                for side in sides) > _host_eigh.MAX_K
+            on_device = any(_device_eigh.takes_size(refresh_ops.sketch_size(
+                refresh_ops.oriented(grad, side).shape, group["rank"], OVERSAMPLE), grad.device) for side in sides)
             lag = DEVICE_SOLVE_LAG if on_device else HOST_SOLVE_LAG
             state["pending_finish_call"] = call + refresh_ops.sketch_parts(POWER_ITERS) - 1 + lag
         else:

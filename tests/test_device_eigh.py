@@ -17,6 +17,9 @@ def _gram(k, seed, device="cpu"):
 
 
 def test_takes_only_cuda_matrices_the_host_worker_does_not():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _device_eigh.takes_size(_host_eigh.MAX_K + 1, cuda) and _device_eigh.takes_size(520, torch.device("cuda", 1))
+    assert not _device_eigh.takes_size(_host_eigh.MAX_K, cuda) and not _device_eigh.takes_size(520, cpu)
     assert not _device_eigh.takes(_gram(_host_eigh.MAX_K + 1, seed=0))
     with pytest.raises(ValueError, match="gram must be a CUDA tensor"):
         _device_eigh.start(_gram(4, seed=0), torch.tensor(True), stream=None)

@@ -323,13 +323,19 @@ def test_randomized_refresh_takes_effect_two_steps_later(seed):
             assert used[3] == 3, used
 
 
-def test_spread_refresh_takes_effect_five_steps_later(seed):
+@pytest.mark.parametrize("solve_lag", ["host", "device"])
+def test_spread_refresh_takes_effect_five_or_seven_steps_later(seed, solve_lag, monkeypatch):
     """From SPREAD_MIN_GAP on, a randomized refresh's sketch runs one part a step from the due step (three
-    parts: two power iterations) and is finished two steps after its last part: the due step and the four
-    after it use the old projector, the fifth the new one."""
-    from gradnormlorp_kernels.optimizer import POWER_ITERS, SPREAD_MIN_GAP
+    parts: two power iterations) and is finished HOST_SOLVE_LAG = 2 steps after its last part: the due step and
+    the four after it use the old projector, the fifth the new one. Where cuSOLVER's worker solves it (a GPU, k
+    above the host's limit) DEVICE_SOLVE_LAG = 4 steps after: the seventh. (Here on the CPU the device lag is
+    put in the host's place.)"""
+    from gradnormlorp_kernels.optimizer import DEVICE_SOLVE_LAG, HOST_SOLVE_LAG, POWER_ITERS, SPREAD_MIN_GAP
 
-    gap, lag = SPREAD_MIN_GAP, POWER_ITERS + 1 + 2
+    solve_steps = HOST_SOLVE_LAG if solve_lag == "host" else DEVICE_SOLVE_LAG
+    monkeypatch.setattr(optimizer_module, "HOST_SOLVE_LAG", solve_steps)
+    gap, lag = SPREAD_MIN_GAP, POWER_ITERS + 1 + solve_steps
+    assert lag == {"host": 5, "device": 7}[solve_lag]
 
     def in_flight(t, state):  # begun at the due step, finished at the last step of the lag
         assert ("pending_finish_call" in state) == (gap <= t < gap + lag - 1), t
