@@ -153,7 +153,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         # By id of a matrix's state: (that state, its sketches in progress by side).
         self._sketching: dict[int, tuple[dict, list]] = {}
         self._finish_graphs: dict[tuple, FinishGraph] = {}
-        # By id of a pending Gram matrix: (that matrix, its eigendecomposition started on the host).
+        # By id of a pending Gram matrix: (that matrix, its eigendecomposition started on a worker).
         self._eigh_jobs: dict[int, tuple] = {}
         self._graphs: dict[int, GroupGraphs] = {}  # by group index
         # By group index: the matrices of each moment kind, whose moments one launch steps.
@@ -312,7 +312,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         gradient (`ops.refresh.sketch`), spread over this and the next steps one part a step when the gap is
         at least SPREAD_MIN_GAP, else all run now. A complete sketch is kept in the state
         (`pending_<side>_basis`, `_gram`, `_healthy`; saved with it) and, on a GPU, its eigendecomposition
-        started on the host; `pending_finish_call` is the call that finishes it. Launches only: no host
+        started on a worker (`_host_eigh` or `_device_eigh`); `pending_finish_call` is the call that finishes it. Launches only: no host
         synchronisation."""
         spread = group["update_proj_gap"] >= SPREAD_MIN_GAP
         call = state["calls"] - 1  # this step's: the counter has moved on
@@ -367,7 +367,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     def _finish_pending(self, group: dict, state: dict, taken: list,
                         before_write: torch.cuda.Event | None = None) -> None:
         """Phase two, after its finishing step's update: the projector from the pending sketch (`taken` from
-        the state; the k x k eigendecomposition, on a GPU usually solved on the host since the sketch), written
+        the state; the k x k eigendecomposition, on a GPU usually solved by a worker since the sketch), written
         in place; a result that is not finite (a non-finite gradient, a broken-down sketch) keeps the old
         projector, decided on the device. `before_write`: an event the current stream waits for before
         overwriting the projector."""
@@ -434,8 +434,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         A matrix's first projector and exact ("svd") refreshes come before the update, as in GaLore. A later
         randomized refresh is sketched from this step's gradient after this step's update (spread over three
         steps when the gap is at least SPREAD_MIN_GAP) and finished (its eigendecomposition) one step later
-        (two steps after the last part when spread), taking effect from the step after that: on a GPU every
-        phase runs beside a step's update, so that no step waits for a refresh. A refresh due while the last
+        (HOST_SOLVE_LAG or DEVICE_SOLVE_LAG steps after the last part when spread), taking effect from the step
+        after that: on a GPU every phase runs beside a step's update, so that no step waits for a refresh. A refresh due while the last
         is still in flight (a gap changed mid-run) is not begun."""
         calls = state["calls"]
         state["calls"] += 1
