@@ -9,8 +9,9 @@ worker's: the step that starts the job goes on, and the step that finishes the r
 `optimizer.DEVICE_SOLVE_LAG`) takes vectors that are usually ready.
 
 The worker's synchronisations are CUDA calls. During another thread's stream capture they are allowed only
-when that capture runs in "thread_local" mode, which is what the optimizer's captures use, and no job is
-started while the current stream is being captured.
+when that capture runs in "thread_local" mode, which is what the optimizer's captures (and torch.compile's)
+use, and no job is started while the current stream is being captured. A solve that failed on the worker for
+such a reason is run again by the step that collects it.
 """
 
 from __future__ import annotations
@@ -50,13 +51,17 @@ def solve(gram: torch.Tensor, healthy: torch.Tensor) -> tuple[torch.Tensor, torc
 class Job:
     """A solve queued on the worker; `collect()` hands its result to the current stream."""
 
-    def __init__(self, future: concurrent.futures.Future) -> None:
-        self._future = future
+    def __init__(self, future: concurrent.futures.Future, gram: torch.Tensor, healthy: torch.Tensor) -> None:
+        self._future, self._gram, self._healthy = future, gram, healthy
 
     def collect(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`solve`'s (vectors, healthy), after the worker has queued it (the host waits only if it has not);
-        the current stream waits for the solve's kernels."""
-        vectors, healthy, done = self._future.result()
+        the current stream waits for the solve's kernels. If the worker's call failed, the solve runs again
+        here, on the current stream: the same routine on the same matrix, so the same bits."""
+        try:
+            vectors, healthy, done = self._future.result()
+        except RuntimeError:  # e.g. another thread's capture in "global" mode forbade the worker's synchronisations
+            return solve(self._gram, self._healthy)
         stream = torch.cuda.current_stream(vectors.device)
         stream.wait_event(done)
         vectors.record_stream(stream)
@@ -85,4 +90,4 @@ def start(gram: torch.Tensor, healthy: torch.Tensor, stream: torch.cuda.Stream) 
     stream.wait_stream(torch.cuda.current_stream(gram.device))
     gram.record_stream(stream)
     healthy.record_stream(stream)
-    return Job(_worker.submit(_run, gram, healthy, stream))
+    return Job(_worker.submit(_run, gram, healthy, stream), gram, healthy)

@@ -35,6 +35,19 @@ def test_a_failed_solve_gives_an_unhealthy_result(monkeypatch):
     assert not bool(healthy) and torch.equal(vectors, torch.zeros_like(gram))
 
 
+def test_a_job_whose_worker_call_failed_is_solved_by_the_collector():
+    """A worker call that raised (say, a CUDA call refused during another thread's global-mode capture) is
+    solved again by `collect()`, synchronously, with the same bits as `solve`."""
+    import concurrent.futures
+
+    gram, ok = _gram(7, seed=5), torch.tensor(True)
+    failed = concurrent.futures.Future()
+    failed.set_exception(RuntimeError("operation not permitted when stream is capturing"))
+    vectors, healthy = _device_eigh.Job(failed, gram, ok).collect()
+    expected, expected_ok = _device_eigh.solve(gram, ok)
+    assert torch.equal(vectors, expected) and bool(healthy) == bool(expected_ok)
+
+
 def test_solve_is_the_refresh_op():
     gram, ok = _gram(9, seed=2), torch.tensor(True)
     vectors, healthy = _device_eigh.solve(gram, ok)
@@ -83,3 +96,36 @@ def test_start_returns_while_the_gpu_is_busy_and_a_capture_meanwhile_works():
     torch.cuda.synchronize()
     assert bool(healthy) and torch.equal(vectors, expected) and torch.equal(y, x * 2)
 
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_global_mode_capture_during_a_solve_still_gets_the_solve_right():
+    """Another thread's capture in CUDA's default "global" mode forbids the worker's synchronisations while it
+    lasts: the job then fails on the worker and `collect()` solves it again. (Held open for half a second so that
+    the worker's synchronisations fall inside it.)"""
+    import time
+
+    gram, ok = _gram(300, seed=6, device="cuda"), torch.tensor(True, device="cuda")
+    expected = refresh.ritz_vectors(gram, ok)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)
+    job = _device_eigh.start(gram, ok, torch.cuda.Stream())
+    x = torch.ones(64, device="cuda")
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin(capture_error_mode="global")
+        try:
+            y = x * 2
+            time.sleep(0.5)
+        finally:
+            try:
+                graph.capture_end()
+            except RuntimeError:
+                pass  # CUDA may invalidate the capture; what matters here is the solve
+    torch.cuda.current_stream().wait_stream(stream)
+    vectors, healthy = job.collect()
+    torch.cuda.synchronize()
+    assert bool(healthy) and torch.equal(vectors, expected)
+    del y
