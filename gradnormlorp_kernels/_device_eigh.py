@@ -10,13 +10,16 @@ worker's: the step that starts the job goes on, and the step that finishes the r
 
 The worker's synchronisations are CUDA calls. During another thread's stream capture they are allowed only
 when that capture runs in "thread_local" mode, which is what the optimizer's captures (and torch.compile's)
-use, and no job is started while the current stream is being captured. A solve that failed on the worker for
-such a reason is run again by the step that collects it.
+use, and no job is started while the current stream is being captured. A capture in CUDA's default "global"
+mode (`torch.cuda.graph` without `capture_error_mode`) that begins while a solve is in flight is invalidated
+(measured on an H200): code that captures that way beside training sets $GRADNORMLORP_EIGH_WORKER=0. A solve
+that failed on the worker is run again by the step that collects it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 
 import torch
@@ -24,13 +27,23 @@ import torch
 from . import _host_eigh
 from .ops import refresh
 
+_ENV_VAR = "GRADNORMLORP_EIGH_WORKER"
 _start_lock = threading.Lock()
 _worker: concurrent.futures.ThreadPoolExecutor | None = None
 
 
+def enabled() -> bool:
+    """False when $GRADNORMLORP_EIGH_WORKER is 0: these solves then run on the thread that steps, as
+    `torch.linalg.eigh` (with its wait), and finish HOST_SOLVE_LAG steps after their sketch."""
+    value = os.environ.get(_ENV_VAR, "1") or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"{_ENV_VAR} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def takes_size(k: int, device: torch.device) -> bool:
     """Whether a k x k Gram matrix on `device` is solved here: on a GPU, larger than the host worker takes."""
-    return device.type == "cuda" and k > _host_eigh.MAX_K
+    return device.type == "cuda" and k > _host_eigh.MAX_K and enabled()
 
 
 def takes(gram: torch.Tensor) -> bool:
