@@ -147,6 +147,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         self.seed = _integer("seed", seed, 0)
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+        _device_eigh.enabled()  # a bad $GRADNORMLORP_EIGH_WORKER raises here, not at a refresh mid-run
         self.cuda_graph = cuda_graph
         self._side_streams: dict[tuple, torch.cuda.Stream | Lanes] = {}
         self._sketch_graphs: dict[tuple, list[SketchGraph]] = {}  # by shape: one per sketch in progress at once

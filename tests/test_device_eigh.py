@@ -5,7 +5,7 @@ while the GPU is still busy, and a capture on the main thread while the worker s
 import pytest
 import torch
 
-from gradnormlorp_kernels import _device_eigh, _host_eigh, _step_graph
+from gradnormlorp_kernels import GradNormLoRPAdamW, _device_eigh, _host_eigh, _step_graph
 from gradnormlorp_kernels.ops import refresh
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -24,6 +24,8 @@ def test_the_environment_can_turn_the_worker_off(monkeypatch):
     monkeypatch.setenv("GRADNORMLORP_EIGH_WORKER", "yes")
     with pytest.raises(ValueError, match="GRADNORMLORP_EIGH_WORKER must be 0 or 1"):
         _device_eigh.takes_size(520, torch.device("cuda"))
+    with pytest.raises(ValueError, match="GRADNORMLORP_EIGH_WORKER must be 0 or 1"):
+        GradNormLoRPAdamW([torch.nn.Parameter(torch.zeros(4, 4))])
 
 
 def test_takes_only_cuda_matrices_the_host_worker_does_not():
