@@ -313,8 +313,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         gradient (`ops.refresh.sketch`), spread over this and the next steps one part a step when the gap is
         at least SPREAD_MIN_GAP, else all run now. A complete sketch is kept in the state
         (`pending_<side>_basis`, `_gram`, `_healthy`; saved with it) and, on a GPU, its eigendecomposition
-        started on a worker (`_host_eigh` or `_device_eigh`); `pending_finish_call` is the call that finishes it. Launches only: no host
-        synchronisation."""
+        started on a worker (`_host_eigh` or `_device_eigh`); `pending_finish_call` is the call that finishes
+        it. Launches only: no host synchronisation."""
         spread = group["update_proj_gap"] >= SPREAD_MIN_GAP
         call = state["calls"] - 1  # this step's: the counter has moved on
         sides = [side for side, wanted in (("left", left), ("right", right)) if wanted]
@@ -436,8 +436,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         randomized refresh is sketched from this step's gradient after this step's update (spread over three
         steps when the gap is at least SPREAD_MIN_GAP) and finished (its eigendecomposition) one step later
         (HOST_SOLVE_LAG or DEVICE_SOLVE_LAG steps after the last part when spread), taking effect from the step
-        after that: on a GPU every phase runs beside a step's update, so that no step waits for a refresh. A refresh due while the last
-        is still in flight (a gap changed mid-run) is not begun."""
+        after that: on a GPU every phase runs beside a step's update, so that no step waits for a refresh. A
+        refresh due while the last is still in flight (a gap changed mid-run) is not begun."""
         calls = state["calls"]
         state["calls"] += 1
         if "left" not in state and "right" not in state:
@@ -528,10 +528,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
 
     def _update_projected_flat(self, params: list, group: dict, flat: FlatMoments, lr: torch.Tensor) -> None:
         """`_update_projected` of every matrix of a group with one Adam launch over `flat`, or one a part of it
-        inside a capture (capturable):
-        the projections write into one flat gradient, and a one-sided bf16/fp16 update without decay gets
-        its direction already multiplied by lr and rounded, as the per-matrix path rounds it; the result is
-        bit-identical to `_update_projected` matrix by matrix. Inside a capture each of `flat.parts` runs
+        inside a capture (capturable): the projections write into one flat gradient, and a one-sided bf16/fp16
+        update without decay gets its direction already multiplied by lr and rounded, as the per-matrix path
+        rounds it; the result is bit-identical to `_update_projected` matrix by matrix. Inside a capture each of `flat.parts` runs
         its projections, Adam launch and project-backs on a stream of its own (`Lanes`), so the replay
         overlaps the parts' small kernels; the same kernels on the same data, so the same bits."""
         sides = [self._sides(group, p.shape) for p in params]
@@ -652,8 +651,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         """(the states of the group's matrices, the parameters' addresses, whether the parameters share one
         dtype and the gradients one) when its step can replay a graph: on the GPU, past the first step
         (states exist), every tensor dense and on one device, outside another capture or compilation, and not
-        given up on; else None. A gradient that does not match its parameter
-        raises, as on the per-matrix path.
+        given up on; else None. A gradient that does not match its parameter raises, as on the per-matrix
+        path.
 
         Everything from here up to the replay runs before the step's first kernel, at every step: each kind
         of attribute is read in one C-level `map`, and the parameters' shapes, dtypes and devices are read
