@@ -3,7 +3,7 @@ W' A^T in one launch (`adapter_weight`), the backward's rebuild from a known row
 diag(c) V, at each candidate (BLOCK_M, BLOCK_N, warps, stages); kernel time from CUDA graphs
 (`time_kernels`), in us and % of the byte floor (W0 read once, W written once) at the copy bandwidth given.
 
-    python bench/time_normalized_weight.py [--copy-gbs 4243] [--configs]
+    python bench/time_normalized_weight.py [--copy-gbs 4243] [--configs] [--shapes 2]
 """
 
 import argparse
@@ -22,9 +22,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copy-gbs", type=float, default=4243.0)
     parser.add_argument("--configs", action="store_true", help="time every candidate, not only the default")
+    parser.add_argument("--shapes", type=int, default=None, help="the first N shapes (with --configs: 1)")
     args = parser.parse_args()
     device = torch.device("cuda")
-    for rows, cols, rank in SHAPES[:1] if args.configs else SHAPES:
+    for rows, cols, rank in SHAPES[:args.shapes or (1 if args.configs else len(SHAPES))]:
         base = torch.randn(rows, cols, device=device, dtype=torch.bfloat16) / cols**0.5
         lora_A = torch.randn(rank, cols, device=device, dtype=torch.bfloat16) / cols**0.5
         lora_B = torch.randn(rows, rank, device=device, dtype=torch.bfloat16) * 0.05

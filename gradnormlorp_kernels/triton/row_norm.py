@@ -36,14 +36,17 @@ def _row_norm_kernel(
 
 @triton.jit
 def _adapter_row_norm_kernel(
-    w_ptr, a_ptr, b_ptr, norm_ptr, base_a_ptr, rows, cols, rank, stride_w, stride_a, stride_b, scaling, floor,
-    NATIVE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    STAGES: tl.constexpr,
+    w_ptr, a_ptr, b_ptr, norm_ptr, base_a_ptr, rows, cols, rank, cols_per_split, stride_w, stride_a, stride_b,
+    scaling, floor, SPLIT: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """One sweep over a block of W0's rows: W0 A^T, and ||W0 + s B A||^2 summed tile by tile from the tile of
-    W0 + s B A formed in registers (never stored). The A tile feeds both products, so no A A^T is formed
-    beforehand (no launches before this one) and the sum of squares has no cancellation."""
+    """One sweep over a block of W0's rows and a range of its columns: W0 A^T, and ||W0 + s B A||^2 summed tile
+    by tile from the tile of W0 + s B A formed in registers (never stored). The A tile feeds both products, so
+    no A A^T is formed beforehand (no launches before this one) and the sum of squares has no cancellation.
+    SPLIT: the range's sums of squares and W0 A^T go to norm[split, row] and base_a[split, row, :], for
+    `_adapter_row_norm_finish_kernel`; otherwise the range is the whole row and n and W0 A^T are stored."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
     row_mask = row < rows
     r = tl.arange(0, BLOCK_R)
     r_mask = r < rank
@@ -57,9 +60,11 @@ def _adapter_row_norm_kernel(
     squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
     base_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     compensation = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for start in tl.range(0, cols, BLOCK_K, num_stages=STAGES):
+    first = split * cols_per_split
+    end = tl.minimum(first + cols_per_split, cols)
+    for start in tl.range(first, end, BLOCK_K, num_stages=STAGES):
         col = start + k
-        col_mask = col < cols
+        col_mask = col < end
         w = tl.load(w_rows + col[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         a_t = tl.load(a_cols + col[:, None], mask=col_mask[:, None] & r_mask[None, :], other=0.0)  # A^T tile
         if NATIVE_DOT:  # bf16/fp16 products are exact in the float32 accumulator
@@ -76,6 +81,28 @@ def _adapter_row_norm_kernel(
             lora = tl.dot(b, tl.trans(a32), input_precision="ieee")
         merged = w.to(tl.float32) + scaling * lora
         squares += tl.sum(merged * merged, axis=1)
+    if SPLIT:
+        tl.store(norm_ptr + split * rows + row, squares, mask=row_mask)
+        tl.store(base_a_ptr + (split * rows + row[:, None]) * rank + r[None, :], base_a, mask=small_mask)
+    else:
+        tl.store(norm_ptr + row, tl.maximum(tl.sqrt(squares), floor), mask=row_mask)
+        tl.store(base_a_ptr + row[:, None] * rank + r[None, :], base_a, mask=small_mask)
+
+
+@triton.jit
+def _adapter_row_norm_finish_kernel(squares_ptr, partial_a_ptr, norm_ptr, base_a_ptr, rows, rank, splits, floor,
+                                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """n and W0 A^T of a block of rows from the column ranges' partial sums, added in range order."""
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tl.arange(0, BLOCK_R)
+    row_mask = row < rows
+    small_mask = row_mask[:, None] & (r < rank)[None, :]
+    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    base_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for split in range(0, splits):
+        squares += tl.load(squares_ptr + split * rows + row, mask=row_mask, other=0.0)
+        base_a += tl.load(partial_a_ptr + (split * rows + row[:, None]) * rank + r[None, :], mask=small_mask,
+                          other=0.0)
     tl.store(norm_ptr + row, tl.maximum(tl.sqrt(squares), floor), mask=row_mask)
     tl.store(base_a_ptr + row[:, None] * rank + r[None, :], base_a, mask=small_mask)
 
@@ -114,6 +141,11 @@ ADAPTER_FP32_CONFIGS = [
     _config(4, BLOCK_M=16, BLOCK_K=32, STAGES=4),
 ]
 _ADAPTER_INTERPRETED = _config(4, BLOCK_M=16, BLOCK_K=64, STAGES=1)
+# Column splits of adapter_row_norm: programs aimed for (a few per multiprocessor), counted in row blocks of
+# the tall tiles' height, and the unit of a split's columns (a multiple of every BLOCK_K).
+_TARGET_PROGRAMS = 512
+_TYPICAL_ROWS = 64
+_SPLIT_COLUMNS = 256
 
 
 def _adapter_prune(configs, named_args, **kwargs):
@@ -130,18 +162,19 @@ def _adapter_prune(configs, named_args, **kwargs):
 # run and its resumption sum in the same order.
 _row_norm_tuned = triton.autotune(ROW_NORM_CONFIGS, key=["rows", "cols"], cache_results=True)(_row_norm_kernel)
 _adapter_row_norm_tuned = triton.autotune(
-    ADAPTER_CONFIGS + ADAPTER_FP32_CONFIGS, key=["rows", "cols", "rank"],
+    ADAPTER_CONFIGS + ADAPTER_FP32_CONFIGS, key=["rows", "cols", "rank", "cols_per_split"],
     prune_configs_by={"early_config_prune": _adapter_prune}, cache_results=True,
 )(_adapter_row_norm_kernel)
 
 
-def _launch(tuned, kernel, rows, interpreted_config, config, args, meta):
-    """`tuned` (autotune picks the tile) or, with a `config` given or under the interpreter, `kernel` with it."""
+def _launch(tuned, kernel, rows, interpreted_config, config, args, meta, splits=1):
+    """`tuned` (autotune picks the tile) or, with a `config` given or under the interpreter, `kernel` with it,
+    on a grid of (row blocks, `splits`)."""
     if config is None and not triton_interpreted():
-        tuned[lambda m: (triton.cdiv(rows, m["BLOCK_M"]),)](*args, **meta)
+        tuned[lambda m: (triton.cdiv(rows, m["BLOCK_M"]), splits)](*args, **meta)
         return
     config = config or interpreted_config
-    kernel[(triton.cdiv(rows, config.kwargs["BLOCK_M"]),)](
+    kernel[(triton.cdiv(rows, config.kwargs["BLOCK_M"]), splits)](
         *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
     )
 
@@ -164,10 +197,29 @@ def _adapter_row_norm_into(norm, base_A, base_weight, lora_A, lora_B, scaling, c
     # The interpreter has no bf16 arithmetic: there the products run in float32 (same values).
     native = (base_weight.dtype == lora_A.dtype == lora_B.dtype and base_weight.dtype in (torch.bfloat16, torch.float16)
               and not triton_interpreted())
-    args = (base_weight, lora_A, lora_B, norm, base_A, rows, cols, rank, base_weight.stride(0), lora_A.stride(0),
-            lora_B.stride(0), float(scaling), NORM_FLOOR)
-    meta = {"NATIVE_DOT": native, "BLOCK_R": max(16, triton.next_power_of_2(rank))}
-    _launch(_adapter_row_norm_tuned, _adapter_row_norm_kernel, rows, _ADAPTER_INTERPRETED, config, args, meta)
+    # Weights with few row blocks (11008 rows are 172 blocks of 64 for 132 multiprocessors) also split their
+    # columns, so that enough programs stream W0; a second small kernel adds the ranges' sums.
+    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, triton.cdiv(rows, _TYPICAL_ROWS)),
+                        triton.cdiv(cols, _SPLIT_COLUMNS)))
+    cols_per_split = max(1, triton.cdiv(triton.cdiv(cols, splits), _SPLIT_COLUMNS)) * _SPLIT_COLUMNS
+    splits = max(1, triton.cdiv(cols, cols_per_split))
+    block_r = max(16, triton.next_power_of_2(rank))
+    if splits > 1:
+        squares = torch.empty(splits, rows, dtype=torch.float32, device=norm.device)
+        partial_a = torch.empty(splits, rows, rank, dtype=torch.float32, device=norm.device)
+    else:
+        squares, partial_a = norm, base_A
+    args = (base_weight, lora_A, lora_B, squares, partial_a, rows, cols, rank, cols_per_split, base_weight.stride(0),
+            lora_A.stride(0), lora_B.stride(0), float(scaling), NORM_FLOOR)
+    meta = {"SPLIT": splits > 1, "NATIVE_DOT": native, "BLOCK_R": block_r}
+    _launch(_adapter_row_norm_tuned, _adapter_row_norm_kernel, rows, _ADAPTER_INTERPRETED, config, args, meta,
+            splits)
+    if splits > 1:
+        finish_rows = 32
+        _adapter_row_norm_finish_kernel[(triton.cdiv(rows, finish_rows),)](
+            squares, partial_a, norm, base_A, rows, rank, splits, NORM_FLOOR, BLOCK_M=finish_rows, BLOCK_R=block_r,
+            num_warps=4,
+        )
 
 
 def row_norm(weight: torch.Tensor) -> torch.Tensor:
