@@ -137,9 +137,14 @@ def _row_norm_compile_cases(row_norm, bf16_w, lora):
         for native, pointer_types in ((True, lora), (False, {})):
             meta = {"NATIVE_DOT": native, "BLOCK_R": block_r}
             for i, config in enumerate(row_norm._adapter_prune(None, {}, **meta)):
-                cases.append((f"adapter_row_norm-{'bf16' if native else 'fp32'}-r{block_r}-{i}",
-                              row_norm._adapter_row_norm_kernel, pointer_types, {**config.kwargs, **meta},
-                              config.num_warps, {"num_stages": config.num_stages}))
+                for split in (False, True):
+                    cases.append((f"adapter_row_norm-{'bf16' if native else 'fp32'}-r{block_r}-{i}"
+                                  f"{'-split' if split else ''}", row_norm._adapter_row_norm_kernel, pointer_types,
+                                  {**config.kwargs, **meta, "SPLIT": split}, config.num_warps,
+                                  {"num_stages": config.num_stages}))
+    for block_r in (16, 128):
+        cases.append((f"adapter_row_norm_finish-r{block_r}", row_norm._adapter_row_norm_finish_kernel, {},
+                      {"BLOCK_M": 32, "BLOCK_R": block_r}, 4, {}))
     return cases
 
 

@@ -13,6 +13,9 @@ from .._dispatch import triton_interpreted
 from ..ops.row_norm import adapter_row_norm as adapter_row_norm_op, row_norm as row_norm_op
 from ..ops._common import NORM_FLOOR
 
+# The unit of adapter_row_norm's column ranges (a multiple of every BLOCK_K; see `_adapter_row_norm_into`).
+_SPLIT_COLUMNS = tl.constexpr(256)
+
 
 @triton.jit
 def _row_norm_kernel(
@@ -60,10 +63,15 @@ def _adapter_row_norm_kernel(
     squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
     base_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     compensation = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    first = split * cols_per_split
-    end = tl.minimum(first + cols_per_split, cols)
-    for start in tl.range(first, end, BLOCK_K, num_stages=STAGES):
-        col = start + k
+    if SPLIT:
+        # A multiple of _SPLIT_COLUMNS: without the hint the loads were not vectorised, and spilled on sm_90.
+        first = tl.multiple_of(split * cols_per_split, _SPLIT_COLUMNS)
+        end = tl.minimum(first + cols_per_split, cols)
+    else:
+        first = 0
+        end = cols
+    for offset in tl.range(0, end - first, BLOCK_K, num_stages=STAGES):
+        col = first + offset + k
         col_mask = col < end
         w = tl.load(w_rows + col[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         a_t = tl.load(a_cols + col[:, None], mask=col_mask[:, None] & r_mask[None, :], other=0.0)  # A^T tile
@@ -142,10 +150,9 @@ ADAPTER_FP32_CONFIGS = [
 ]
 _ADAPTER_INTERPRETED = _config(4, BLOCK_M=16, BLOCK_K=64, STAGES=1)
 # Column splits of adapter_row_norm: programs aimed for (a few per multiprocessor), counted in row blocks of
-# the tall tiles' height, and the unit of a split's columns (a multiple of every BLOCK_K).
+# the tall tiles' height.
 _TARGET_PROGRAMS = 512
 _TYPICAL_ROWS = 64
-_SPLIT_COLUMNS = 256
 
 
 def _adapter_prune(configs, named_args, **kwargs):
@@ -200,8 +207,8 @@ def _adapter_row_norm_into(norm, base_A, base_weight, lora_A, lora_B, scaling, c
     # Weights with few row blocks (11008 rows are 172 blocks of 64 for 132 multiprocessors) also split their
     # columns, so that enough programs stream W0; a second small kernel adds the ranges' sums.
     splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, triton.cdiv(rows, _TYPICAL_ROWS)),
-                        triton.cdiv(cols, _SPLIT_COLUMNS)))
-    cols_per_split = max(1, triton.cdiv(triton.cdiv(cols, splits), _SPLIT_COLUMNS)) * _SPLIT_COLUMNS
+                        triton.cdiv(cols, _SPLIT_COLUMNS.value)))
+    cols_per_split = max(1, triton.cdiv(triton.cdiv(cols, splits), _SPLIT_COLUMNS.value)) * _SPLIT_COLUMNS.value
     splits = max(1, triton.cdiv(cols, cols_per_split))
     block_r = max(16, triton.next_power_of_2(rank))
     if splits > 1:
