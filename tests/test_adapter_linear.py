@@ -122,6 +122,22 @@ def test_adapter_weight_at_init_is_the_base_weight(backend):
     assert torch.equal(weight, case["base_weight"])
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("inp,out,r", [(257, 40, 16), (130, 33, 70), pytest.param(4096, 4096, 16, marks=pytest.mark.gpu)])
+def test_triton_backward_rebuilds_the_forward_weight_bit_for_bit(dtype, inp, out, r):
+    # dx = g W uses a rebuilt W (from W0 and c1 = M / n, correctly rounded); it must be the forward's W.
+    if "triton" not in [p.values[0] for p in backend_params("adapter_weight")]:
+        pytest.skip("no triton backend here")
+    from gradnormlorp_kernels.triton import linear
+
+    case = make_case(1, inp, out, r, dtype, False)
+    weight, norm, _ = run_op(ops.adapter_weight, "triton", *weight_args(case))
+    row_scale = case["magnitude"].to(torch.float32) / norm
+    rebuilt = linear.normalized_weight(case["base_weight"], case["lora_A"], case["lora_B"], row_scale,
+                                       case["scaling"], dtype)
+    assert torch.equal(rebuilt, weight)
+
+
 @pytest.mark.parametrize("backend", other_backend_params("adapter_weight"))
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_adapter_weight_matches_reference(backend, dtype):

@@ -63,12 +63,13 @@ def _compile_cases():
                                                "b_scaled_ptr", "b_c2_ptr")}
     finish = {"DETACH": False, "HAS_XA": True, **{f"BITWISE_BF16_{name}": False for name in
                                                   ("GRAD_M", "GRAD_B", "FACTORS")}}
-    norm_m, norm_n, norm_warps, norm_stages = linear.WEIGHT_CONFIGS[True]
-    block_m, block_n, weight_warps, stages = linear.WEIGHT_CONFIGS[False]
+    norm_m, norm_n, norm_warps, norm_stages = linear.NORM_CONFIG
+    block_m, block_n, weight_warps, stages = linear.WEIGHT_CONFIG
     weight = {"HAS_LORA": True, "NATIVE_DOT": True, "BITWISE_BF16": False, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "RANK_CHUNKS": 1, "STAGES": stages}
-    with_norm = {**weight, "WITH_NORM": True, "WITH_WEIGHT_A": True, "BLOCK_M": norm_m, "BLOCK_N": norm_n,
+    norm_pass = {"WITH_WEIGHT_A": True, "NATIVE_DOT": True, "BLOCK_M": norm_m, "BLOCK_N": norm_n, "RANK_CHUNKS": 1,
                  "STAGES": norm_stages}
+    wide_norm = {"BLOCK_M": 16, "BLOCK_N": 128, "STAGES": 2}
     return _row_norm_compile_cases(row_norm, bf16_w, lora) + [
         ("column_partials-r16", norm_coefficients._column_partials_kernel, grads,
          {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_R": 16,
@@ -83,16 +84,17 @@ def _compile_cases():
          {**finish, "BLOCK_N": 16, "BLOCK_R": 128}, 4, {}),
         ("finish_coefficients-r16", norm_coefficients._finish_coefficients_kernel, finish_bf16,
          {**finish, "BLOCK_N": 64, "BLOCK_R": 16}, 4, {}),
+        ("weight_norm-r16", linear._weight_norm_partials_kernel, lora, {**norm_pass, "BLOCK_R": 16}, norm_warps, {}),
+        ("weight_norm-r32", linear._weight_norm_partials_kernel, lora, {**norm_pass, **wide_norm, "BLOCK_R": 32}, 8,
+         {}),
+        ("weight_norm-r64", linear._weight_norm_partials_kernel, lora, {**norm_pass, **wide_norm, "BLOCK_R": 64}, 8,
+         {}),
+        ("weight_norm-fp32-r16", linear._weight_norm_partials_kernel, {},
+         {**norm_pass, "NATIVE_DOT": False, "BLOCK_R": 16, "BLOCK_M": 16, "BLOCK_N": 64, "STAGES": 2}, 4, {}),
+        ("weight_norm-fp32-r64", linear._weight_norm_partials_kernel, {},
+         {**norm_pass, "NATIVE_DOT": False, "BLOCK_R": 64, "BLOCK_M": 16, "BLOCK_N": 32, "STAGES": 2}, 4, {}),
         ("adapter_weight-r16", linear._normalized_weight_kernel, {**lora, "magnitude_ptr": "*bf16", "out_ptr": "*bf16"},
-         {**with_norm, "BLOCK_R": 16}, norm_warps, {}),
-        ("adapter_weight-r32", linear._normalized_weight_kernel, {**lora, "magnitude_ptr": "*bf16", "out_ptr": "*bf16"},
-         {**with_norm, "BLOCK_R": 32, "BLOCK_M": 16, "BLOCK_N": 128, "STAGES": 2}, 8, {}),
-        ("adapter_weight-r64", linear._normalized_weight_kernel, {**lora, "magnitude_ptr": "*bf16", "out_ptr": "*bf16"},
-         {**with_norm, "BLOCK_R": 64, "BLOCK_M": 16, "BLOCK_N": 128, "STAGES": 2}, 8, {}),
-        ("adapter_weight-fp32-r16", linear._normalized_weight_kernel, {},
-         {**with_norm, "NATIVE_DOT": False, "BLOCK_R": 16, "BLOCK_M": 16, "BLOCK_N": 64, "STAGES": 2}, 4, {}),
-        ("adapter_weight-fp32-r64", linear._normalized_weight_kernel, {},
-         {**with_norm, "NATIVE_DOT": False, "BLOCK_R": 64, "BLOCK_M": 16, "BLOCK_N": 32, "STAGES": 2}, 4, {}),
+         {**weight, "WITH_NORM": True, "WITH_WEIGHT_A": True, "BLOCK_R": 16}, weight_warps, {}),
         ("normalized_weight-r16", linear._normalized_weight_kernel, {**lora, "out_ptr": "*bf16"},
          {**weight, "WITH_NORM": False, "WITH_WEIGHT_A": False, "BLOCK_R": 16}, weight_warps, {}),
         ("normalized_weight-r64", linear._normalized_weight_kernel, {**lora, "out_ptr": "*bf16"},

@@ -1,7 +1,7 @@
 """The layer's forward and backward (both modes) and full mode's projected gradient, around cuBLAS GEMMs.
 
-The normalised weight W = diag(M / n) (W0 + s B A) (adapter) or diag(M / n) V (full) costs one pass over
-an (out, in) matrix, far fewer bytes than scaling a (T, out) activation when T >= in. So the forward is
+The normalised weight W = diag(M / n) (W0 + s B A) (adapter) or diag(M / n) V (full) costs a pass or two
+over an (out, in) matrix, far fewer bytes than scaling a (T, out) activation when T >= in. So the forward is
 one GEMM with the bias in its epilogue, y = x W^T + b, and the backward's dx = g W is one GEMM on the
 raw upstream gradient (gh W0 + s (gh B) A == g W). The remaining terms read g and y once
 (`column_pass`) plus thin GEMMs.
@@ -44,66 +44,90 @@ def _lora_tile(a_ptr, b_ptr, row, col, row_mask, col_mask, rank, stride_a, strid
 
 
 @triton.jit
+def _weight_norm_partials_kernel(
+    w_ptr, a_ptr, b_ptr, squares_ptr, weight_a_ptr, rows, cols, rank, cols_per_split,
+    stride_w, stride_a, stride_b, scaling,
+    WITH_WEIGHT_A: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, RANK_CHUNKS: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Over one column split of a strip of BLOCK_M rows: squares[split, row] = sum of (W0 + s B A)^2 and, with
+    WITH_WEIGHT_A, weight_a[split, row, :] = (W0 + s B A) A^T; `_normalized_weight_kernel` sums the splits."""
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
+    row_mask = row < rows
+    # float32 weights: per-column-slot partial sums, reduced once at the end, so rows of thousands of
+    # elements sum with pairwise-like error, not one running sum's (16-bit weights: one running sum).
+    squares = tl.zeros((BLOCK_M, BLOCK_N if not NATIVE_DOT else 1), dtype=tl.float32)
+    weight_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    compensation = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    first = tl.multiple_of(split * cols_per_split, BLOCK_N)
+    for offset in tl.range(0, tl.minimum(cols - first, cols_per_split), BLOCK_N, num_stages=STAGES):
+        col = first + offset + tl.arange(0, BLOCK_N)
+        col_mask = col < cols
+        w = tl.load(w_ptr + row[:, None] * stride_w + col[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                    other=0.0)
+        lora = _lora_tile(a_ptr, b_ptr, row, col, row_mask, col_mask, rank, stride_a, stride_b,
+                          NATIVE_DOT, BLOCK_R, RANK_CHUNKS)
+        if WITH_WEIGHT_A:  # one rank chunk: A's rows are the ones _lora_tile read
+            r = tl.arange(0, BLOCK_R)
+            a = tl.load(a_ptr + r[:, None] * stride_a + col[None, :], mask=(r < rank)[:, None] & col_mask[None, :],
+                        other=0.0)
+            if NATIVE_DOT:
+                # W0 A^T from the exact 16-bit products; the small s (B A) A^T term in tf32.
+                weight_a += tl.dot(w, tl.trans(a))
+                weight_a += scaling * tl.dot(lora, tl.trans(a).to(tl.float32), input_precision="tf32")
+            else:
+                # float32: each tile's products added with compensation (Kahan), so the long sum stays
+                # near cuBLAS's accuracy.
+                tile = tl.dot(w.to(tl.float32) + scaling * lora, tl.trans(a.to(tl.float32)),
+                              input_precision="ieee") - compensation
+                total = weight_a + tile
+                compensation = (total - weight_a) - tile
+                weight_a = total
+        value = w.to(tl.float32) + scaling * lora
+        if NATIVE_DOT:
+            squares += tl.sum(value * value, axis=1, keep_dims=True)
+        else:
+            squares += value * value
+    tl.store(squares_ptr + split * rows + row, tl.sum(squares, axis=1), mask=row_mask)
+    if WITH_WEIGHT_A:
+        r = tl.arange(0, BLOCK_R)
+        tl.store(weight_a_ptr + (split * rows + row[:, None]) * rank + r[None, :], weight_a,
+                 mask=row_mask[:, None] & (r < rank)[None, :])
+
+
+@triton.jit
 def _normalized_weight_kernel(
-    w_ptr, a_ptr, b_ptr, magnitude_ptr, row_scale_ptr, out_ptr, norm_ptr, weight_a_ptr, rows, cols, rank,
-    stride_w, stride_a, stride_b, stride_out, stride_wa, scaling, floor,
+    w_ptr, a_ptr, b_ptr, magnitude_ptr, row_scale_ptr, out_ptr, squares_ptr, norm_ptr, partial_a_ptr, weight_a_ptr,
+    rows, cols, rank, splits, stride_w, stride_a, stride_b, stride_out, scaling, floor,
     HAS_LORA: tl.constexpr, WITH_NORM: tl.constexpr, WITH_WEIGHT_A: tl.constexpr, NATIVE_DOT: tl.constexpr,
     BITWISE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, RANK_CHUNKS: tl.constexpr, STAGES: tl.constexpr,
 ):
     """out = c[:, None] * (W + s B A) for a strip of BLOCK_M whole rows, B A formed tile by tile in registers.
 
-    WITH_NORM: c = M / ||W + s B A||_row from a first pass over the strip (written with the norm), which with
-    WITH_WEIGHT_A also accumulates (W + s B A) A^T for the backward's dB; the second pass re-reads
-    the strip from L2 (a strip is small and recent), so W is read from HBM once. Otherwise c is `row_scale`.
-    Both passes form each tile with the same instructions, so the backward, which rebuilds the weight from
-    the forward's c, gets the forward's bits."""
+    WITH_NORM: c = M / n, n = ||W + s B A||_row from the `splits` partial sums of squares (written with n, and
+    with WITH_WEIGHT_A the partial (W + s B A) A^T summed into weight_a). Otherwise c is `row_scale`. Both
+    ways the tiles are formed by the same instructions, so the backward, which rebuilds the weight from the
+    forward's c, gets the forward's bits."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = row < rows
     if WITH_NORM:
-        # float32 weights: per-column-slot partial sums, reduced once at the end, so rows of thousands of
-        # elements sum with pairwise-like error, not one running sum's (16-bit weights: one running sum).
-        squares = tl.zeros((BLOCK_M, BLOCK_N if not NATIVE_DOT else 1), dtype=tl.float32)
-        weight_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        compensation = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for start in tl.range(0, cols, BLOCK_N, num_stages=STAGES):
-            col = start + tl.arange(0, BLOCK_N)
-            col_mask = col < cols
-            w = tl.load(w_ptr + row[:, None] * stride_w + col[None, :], mask=row_mask[:, None] & col_mask[None, :],
-                        other=0.0)
-            value = w.to(tl.float32)
-            if HAS_LORA:
-                lora = _lora_tile(a_ptr, b_ptr, row, col, row_mask, col_mask, rank, stride_a, stride_b,
-                                  NATIVE_DOT, BLOCK_R, RANK_CHUNKS)
-                if WITH_WEIGHT_A:  # one rank chunk: A's rows are the ones _lora_tile read
-                    r = tl.arange(0, BLOCK_R)
-                    a = tl.load(a_ptr + r[:, None] * stride_a + col[None, :],
-                                mask=(r < rank)[:, None] & col_mask[None, :], other=0.0)
-                    if NATIVE_DOT:
-                        # W0 A^T from the exact 16-bit products; the small s (B A) A^T term in tf32.
-                        weight_a += tl.dot(w, tl.trans(a))
-                        weight_a += scaling * tl.dot(lora, tl.trans(a).to(tl.float32), input_precision="tf32")
-                    else:
-                        # float32: each tile's products added with compensation (Kahan), so the long sum
-                        # stays near cuBLAS's accuracy.
-                        tile = tl.dot(value + scaling * lora, tl.trans(a.to(tl.float32)),
-                                      input_precision="ieee") - compensation
-                        total = weight_a + tile
-                        compensation = (total - weight_a) - tile
-                        weight_a = total
-                value += scaling * lora
-            if NATIVE_DOT:
-                squares += tl.sum(value * value, axis=1, keep_dims=True)
-            else:
-                squares += value * value
-        norm = tl.maximum(tl.sqrt_rn(tl.sum(squares, axis=1)), floor)
-        # Correctly rounded (M / n is exactly 1 where M == n, as at init), as the backward's rebuild computes it.
+        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for split in range(splits):
+            total += tl.load(squares_ptr + split * rows + row, mask=row_mask, other=0.0)
+        norm = tl.maximum(tl.sqrt_rn(total), floor)
+        # Correctly rounded (M / n is exactly 1 where M == n, as at init), as the backward's c1 is.
         scale = tl.div_rn(tl.load(magnitude_ptr + row, mask=row_mask, other=0.0).to(tl.float32), norm)
         tl.store(norm_ptr + row, norm, mask=row_mask)
         if WITH_WEIGHT_A:
             r = tl.arange(0, BLOCK_R)
-            tl.store(weight_a_ptr + row[:, None] * stride_wa + r[None, :], weight_a,
-                     mask=row_mask[:, None] & (r < rank)[None, :])
+            rank_mask = row_mask[:, None] & (r < rank)[None, :]
+            weight_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for split in range(splits):
+                weight_a += tl.load(partial_a_ptr + (split * rows + row[:, None]) * rank + r[None, :],
+                                    mask=rank_mask, other=0.0)
+            tl.store(weight_a_ptr + row[:, None] * rank + r[None, :], weight_a, mask=rank_mask)
     else:
         scale = tl.load(row_scale_ptr + row, mask=row_mask, other=0.0).to(tl.float32)
     for start in tl.range(0, cols, BLOCK_N, num_stages=STAGES):
@@ -162,17 +186,55 @@ def _matmul_f32_kernel(
              mask=(row < M)[:, None] & (col < N)[None, :])
 
 
-# (BLOCK_M, BLOCK_N, num_warps, STAGES) of `_normalized_weight_kernel`, with the norm pass (the adapter's
-# forward) and without (the backward's rebuild, full mode), at rank 16; bench/time_normalized_weight.py
-# --configs times the candidates (H200, 4096 x 4096 r=16: 67 us and 26 us, against 72 and 39 at (16, 128);
-# 62 us at (32, 256) spills).
-WEIGHT_CONFIGS = {True: (32, 128, 4, 4), False: (16, 512, 4, 4)}
+# (BLOCK_M, BLOCK_N, num_warps, STAGES) at rank 16 of the norm pass (`_weight_norm_partials_kernel`, the
+# adapter's forward) and of the weight pass (`_normalized_weight_kernel`: forward, backward's rebuild, full
+# mode); bench/time_normalized_weight.py --configs times the candidates.
+NORM_CONFIG = (32, 128, 4, 4)
+WEIGHT_CONFIG = (16, 512, 4, 4)
+# Programs the norm pass aims for: a strip of rows a program leaves a 4096-row weight 128 programs, too few
+# to keep a GPU's loads in flight, so the columns are split until there are about this many.
+_NORM_PROGRAMS = 512
+
+
+def _tile_configs(rank_block, native):
+    """(norm pass, weight pass) configs at this rank chunk: float32 products run on the FMA units (small norm
+    tiles); wider ranks hold more registers (spill-free per the sm_90 resource report)."""
+    norm, weight = NORM_CONFIG, WEIGHT_CONFIG
+    if not native:
+        norm = (16, 64 if rank_block <= 16 else 32, 4, 2)
+    if rank_block > 16:
+        weight = (16, 128, 8, 2)
+        norm = norm if not native else weight
+    return norm, weight
+
+
+def _weight_norm_partials(weight, lora_A, lora_B, scaling, with_weight_A, native, rank_block, config):
+    """Per column split, the sums of squares of W' = W0 + s B A's rows and (with_weight_A) W' A^T:
+    (splits, rows) and (splits, rows, r) float32."""
+    rows, cols = weight.shape
+    rank = lora_A.shape[0]
+    block_m, block_n, warps, stages = config
+    row_blocks = triton.cdiv(rows, block_m)
+    splits = max(1, min(triton.cdiv(_NORM_PROGRAMS, row_blocks), triton.cdiv(cols, block_n)))
+    cols_per_split = triton.cdiv(triton.cdiv(cols, splits), block_n) * block_n
+    splits = triton.cdiv(cols, cols_per_split)
+    squares = torch.empty(splits, rows, dtype=torch.float32, device=weight.device)
+    partial_A = torch.empty(splits, rows, rank, dtype=torch.float32, device=weight.device) if with_weight_A \
+        else squares
+    _weight_norm_partials_kernel[(row_blocks, splits)](
+        weight, lora_A, lora_B, squares, partial_A, rows, cols, rank, cols_per_split,
+        weight.stride(0), lora_A.stride(0), lora_B.stride(0), float(scaling),
+        WITH_WEIGHT_A=with_weight_A, NATIVE_DOT=native, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rank_block,
+        RANK_CHUNKS=triton.cdiv(rank, rank_block), STAGES=1 if triton_interpreted() else stages, num_warps=warps,
+    )
+    return squares, partial_A
 
 
 def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scaling, dtype, with_weight_A,
-                              config=None):
-    """Launch `_normalized_weight_kernel`: (W in `dtype`, n or None, W' A^T or None); `magnitude` given: the
-    norm pass runs, else `row_scale` is the row scale."""
+                              config=None, norm_config=None):
+    """(W in `dtype`, n or None, W' A^T or None). `magnitude` given: a norm pass over the weight first (n and
+    W' A^T), then `_normalized_weight_kernel` with c = M / n; else `row_scale` is c. `config`, `norm_config`:
+    the two passes' tiles (defaults from `_tile_configs`)."""
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     rows, cols = weight.shape
     device = weight.device
@@ -181,8 +243,8 @@ def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scal
     norm = torch.empty(rows, dtype=torch.float32, device=device) if with_norm else None
     has_lora = lora_A is not None
     rank = lora_A.shape[0] if has_lora else 0
-    block_r = max(16, triton.next_power_of_2(min(rank, _RANK_CHUNK)))
-    with_weight_A = with_weight_A and rank <= block_r
+    rank_block = max(16, triton.next_power_of_2(min(rank, _RANK_CHUNK)))
+    with_weight_A = with_weight_A and rank <= rank_block
     weight_A = torch.empty(rows, rank, dtype=torch.float32, device=device) if with_weight_A else None
     if out.numel() == 0:
         return out, None if norm is None else norm.fill_(NORM_FLOOR), None if weight_A is None else weight_A.zero_()
@@ -192,23 +254,25 @@ def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scal
     narrow = (torch.bfloat16, torch.float16)
     native = has_lora and weight.dtype in narrow and lora_A.dtype == lora_B.dtype == weight.dtype and \
         not triton_interpreted()
+    default_norm, default_weight = _tile_configs(rank_block, native)
     unused = weight
-    block_m, block_n, warps, stages = config or WEIGHT_CONFIGS[with_norm]
-    if config is None and with_norm and not native:  # float32 products on the FMA units: small tiles
-        block_m, block_n, warps, stages = 16, 64 if block_r <= 16 else 32, 4, 2
-    elif config is None and block_r > 16:
-        block_m, block_n, warps, stages = 16, 128, 8, 2  # spill-free (sm_90 resource report)
-    if triton_interpreted():
-        stages = 1
+    squares = partial_A = unused
+    splits = 0
+    if with_norm:
+        squares, partial_A = _weight_norm_partials(weight, lora_A, lora_B, scaling, with_weight_A, native,
+                                                   rank_block, norm_config or default_norm)
+        splits = squares.shape[0]
+    block_m, block_n, warps, stages = config or default_weight
     _normalized_weight_kernel[(triton.cdiv(rows, block_m),)](
         weight, lora_A if has_lora else unused, lora_B if has_lora else unused,
-        magnitude if with_norm else unused, unused if with_norm else row_scale, out,
-        norm if with_norm else unused, weight_A if with_weight_A else unused, rows, cols, rank,
+        magnitude if with_norm else unused, unused if with_norm else row_scale, out, squares,
+        norm if with_norm else unused, partial_A, weight_A if with_weight_A else unused, rows, cols, rank, splits,
         weight.stride(0), lora_A.stride(0) if has_lora else 0, lora_B.stride(0) if has_lora else 0, out.stride(0),
-        rank, float(scaling), NORM_FLOOR,
+        float(scaling), NORM_FLOOR,
         HAS_LORA=has_lora, WITH_NORM=with_norm, WITH_WEIGHT_A=with_weight_A, NATIVE_DOT=native,
-        BITWISE_BF16=bitwise_bf16(dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        RANK_CHUNKS=triton.cdiv(max(rank, 1), block_r), STAGES=stages, num_warps=warps,
+        BITWISE_BF16=bitwise_bf16(dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rank_block,
+        RANK_CHUNKS=triton.cdiv(max(rank, 1), rank_block), STAGES=1 if triton_interpreted() else stages,
+        num_warps=warps,
     )
     return out, norm, weight_A
 
@@ -219,8 +283,10 @@ def normalized_weight(weight, lora_A, lora_B, row_scale, scaling, dtype):
 
 
 def adapter_weight(base_weight, lora_A, lora_B, magnitude, scaling):
-    """Same contract as the reference op; float64 takes the reference path. One launch reads W0 once and
-    writes W, n and W' A^T (ranks above _RANK_CHUNK: W' A^T = W0 A^T + s B (A A^T) from cuBLAS products)."""
+    """Same contract as the reference op; float64 takes the reference path. Two launches: the norm pass
+    reads W0 for n and W' A^T, the weight pass reads it again and writes W (ranks above _RANK_CHUNK:
+    W' A^T = W0 A^T + s B (A A^T) from cuBLAS products). One launch doing both held 208 registers a thread
+    and ran at a third of the copy bandwidth (NOTES, thirteenth session)."""
     if base_weight.dtype == torch.float64:
         return adapter_weight_op.reference(base_weight, lora_A, lora_B, magnitude, scaling)
     weight, norm, weight_A = _normalized_weight_launch(
