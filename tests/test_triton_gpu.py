@@ -69,7 +69,11 @@ def _compile_cases():
               "RANK_CHUNKS": 1, "STAGES": stages}
     norm_pass = {"WITH_WEIGHT_A": True, "NATIVE_DOT": True, "BLOCK_M": norm_m, "BLOCK_N": norm_n, "RANK_CHUNKS": 1,
                  "STAGES": norm_stages}
-    wide_norm = {"BLOCK_M": 16, "BLOCK_N": 128, "STAGES": 2}
+    wide_norm = {}  # rank -> (constexprs, warps) of the norm pass's tile at that rank chunk
+    for rank in (32, 64):
+        wide_m, wide_n, wide_warps, wide_stages = linear._tile_configs(rank, True)[0]
+        wide_norm[rank] = ({**norm_pass, "BLOCK_M": wide_m, "BLOCK_N": wide_n, "STAGES": wide_stages,
+                            "BLOCK_R": rank}, wide_warps)
     return _row_norm_compile_cases(row_norm, bf16_w, lora) + [
         ("column_partials-r16", norm_coefficients._column_partials_kernel, grads,
          {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_R": 16,
@@ -85,10 +89,8 @@ def _compile_cases():
         ("finish_coefficients-r16", norm_coefficients._finish_coefficients_kernel, finish_bf16,
          {**finish, "BLOCK_N": 64, "BLOCK_R": 16}, 4, {}),
         ("weight_norm-r16", linear._weight_norm_partials_kernel, lora, {**norm_pass, "BLOCK_R": 16}, norm_warps, {}),
-        ("weight_norm-r32", linear._weight_norm_partials_kernel, lora, {**norm_pass, **wide_norm, "BLOCK_R": 32}, 8,
-         {}),
-        ("weight_norm-r64", linear._weight_norm_partials_kernel, lora, {**norm_pass, **wide_norm, "BLOCK_R": 64}, 8,
-         {}),
+        ("weight_norm-r32", linear._weight_norm_partials_kernel, lora, *wide_norm[32], {}),
+        ("weight_norm-r64", linear._weight_norm_partials_kernel, lora, *wide_norm[64], {}),
         ("weight_norm-fp32-r16", linear._weight_norm_partials_kernel, {},
          {**norm_pass, "NATIVE_DOT": False, "BLOCK_R": 16, "BLOCK_M": 16, "BLOCK_N": 64, "STAGES": 2}, 4, {}),
         ("weight_norm-fp32-r64", linear._weight_norm_partials_kernel, {},
