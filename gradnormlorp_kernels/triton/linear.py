@@ -205,9 +205,10 @@ def _tile_configs(rank_block, native):
         norm = (16, 64 if rank_block <= 16 else 32, 4, 2)
     if rank_block > 16:
         weight = (16, 128, 8, 2)
-        # H200, 4096 x 4096 r=64: 37 us, against 71 at the weight pass's tile; at rank 32 that tile spills
-        # on sm_90, half as wide does not.
-        norm = norm if not native else (32, 128 if rank_block > 32 else 64, 4, 3)
+        if native:
+            # H200, 4096 x 4096 r=64: 37 us, against 71 at the weight pass's tile; at rank 32 that tile
+            # spills on sm_90, half as wide does not.
+            norm = (32, 128 if rank_block > 32 else 64, 4, 3)
     return norm, weight
 
 
