@@ -1,8 +1,8 @@
 """The layer's weight kernels: the forward's W = diag(M / n)(W0 + s B A) with n and W' A^T (`adapter_weight`:
-the norm pass `_weight_norm_partials_kernel`, then `_normalized_weight_kernel`), the norm pass alone, the
-backward's rebuild from a known row scale, and full mode's diag(c) V, at each candidate (BLOCK_M, BLOCK_N,
-warps, stages) and, for the norm pass, programs aimed for; kernel time from CUDA graphs (`time_kernels`), in
-us and % of the byte floor (W0 read once, W written once; the norm pass: W0 read once) at the copy bandwidth.
+adapter_row_norm's sweep, A A^T, then `_normalized_weight_kernel`), the norm sweep alone, the backward's
+rebuild from a known row scale, and full mode's diag(c) V, at each candidate weight-pass tile (BLOCK_M,
+BLOCK_N, warps, stages); kernel time from CUDA graphs (`time_kernels`), in us and % of the byte floor (W0 read
+once, W written once; the norm sweep: W0 read once) at the copy bandwidth.
 
     python bench/time_normalized_weight.py [--copy-gbs 4243] [--configs] [--shapes 2]
 """
@@ -11,14 +11,12 @@ import argparse
 import itertools
 
 import torch
-import triton
 
 from gradnormlorp_kernels.benchmarks._timing import time_kernels
-from gradnormlorp_kernels.triton import linear
+from gradnormlorp_kernels.triton import linear, row_norm
 
-SHAPES = [(4096, 4096, 16), (11008, 4096, 16), (4096, 4096, 64)]
+SHAPES = [(4096, 4096, 16), (11008, 4096, 16), (4096, 4096, 64), (4096, 4096, 32)]
 CANDIDATES = list(itertools.product((16, 32), (128, 256, 512), (4, 8), (2, 4)))
-PROGRAMS = (512, 256, 1024)
 
 
 def main() -> None:
@@ -35,32 +33,27 @@ def main() -> None:
         magnitude = (torch.rand(rows, device=device) + 0.5).bfloat16()
         row_scale = torch.rand(rows, device=device) + 0.5
         moved = 2 * base.numel() * base.element_size()
-        configs = CANDIDATES if args.configs else [None]
-        for config, programs in itertools.product(configs, PROGRAMS if args.configs else [linear._NORM_PROGRAMS]):
-            linear._NORM_PROGRAMS = programs
-            rank_block = max(16, triton.next_power_of_2(min(rank, linear._RANK_CHUNK)))
-            norm_config = config or linear._tile_configs(rank_block, True)[0]
+        for config in CANDIDATES if args.configs else [None]:
             runs = {
                 "adapter_weight": lambda: linear._normalized_weight_launch(
-                    base, lora_A, lora_B, magnitude, None, 2.0, base.dtype, True, None, config),
-                "norm_pass": lambda: linear._weight_norm_partials(
-                    base, lora_A, lora_B, 2.0, True, True, rank_block, norm_config),
+                    base, lora_A, lora_B, magnitude, None, 2.0, base.dtype, config),
+                "norm_sweep": lambda: row_norm.adapter_row_norm_partials(base, lora_A, lora_B, 2.0, rank <= 64),
                 "rebuild": lambda: linear._normalized_weight_launch(
-                    base, lora_A, lora_B, None, row_scale, 2.0, base.dtype, False, config),
+                    base, lora_A, lora_B, None, row_scale, 2.0, base.dtype, config),
                 "full": lambda: linear._normalized_weight_launch(
-                    base, None, None, None, row_scale, 0.0, base.dtype, False, config),
+                    base, None, None, None, row_scale, 0.0, base.dtype, config),
             }
-            label = "default" if config is None else "m{} n{} w{} s{} p{}".format(*config, programs)
+            label = "default" if config is None else "m{} n{} w{} s{}".format(*config)
             for name, fn in runs.items():
-                if programs != PROGRAMS[0] and name in ("rebuild", "full"):
+                if config is not None and name == "norm_sweep":
                     continue
                 try:
                     us = 1e3 * time_kernels(fn, device).median_ms
                 except Exception as exc:  # a config that does not compile or fit is reported, not fatal
-                    print(f"{rows}x{cols} r={rank} {label:22} {name:15} failed: {type(exc).__name__}")
+                    print(f"{rows}x{cols} r={rank} {label:18} {name:15} failed: {type(exc).__name__}")
                     continue
-                floor = moved / 2 if name == "norm_pass" else moved
-                print(f"{rows}x{cols} r={rank} {label:22} {name:15} {us:7.1f} us "
+                floor = moved / 2 if name == "norm_sweep" else moved
+                print(f"{rows}x{cols} r={rank} {label:18} {name:15} {us:7.1f} us "
                       f"{100 * floor / us / 1e3 / args.copy_gbs:5.1f}% of copy")
 
 

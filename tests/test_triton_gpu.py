@@ -63,17 +63,11 @@ def _compile_cases():
                                                "b_scaled_ptr", "b_c2_ptr")}
     finish = {"DETACH": False, "HAS_XA": True, **{f"BITWISE_BF16_{name}": False for name in
                                                   ("GRAD_M", "GRAD_B", "FACTORS")}}
-    norm_m, norm_n, norm_warps, norm_stages = linear.NORM_CONFIG
     block_m, block_n, weight_warps, stages = linear.WEIGHT_CONFIG
     weight = {"HAS_LORA": True, "NATIVE_DOT": True, "BITWISE_BF16": False, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "RANK_CHUNKS": 1, "STAGES": stages}
-    norm_pass = {"WITH_WEIGHT_A": True, "NATIVE_DOT": True, "BLOCK_M": norm_m, "BLOCK_N": norm_n, "RANK_CHUNKS": 1,
-                 "STAGES": norm_stages}
-    wide_norm = {}  # rank -> (constexprs, warps) of the norm pass's tile at that rank chunk
-    for rank in (32, 64):
-        wide_m, wide_n, wide_warps, wide_stages = linear._tile_configs(rank, True)[0]
-        wide_norm[rank] = ({**norm_pass, "BLOCK_M": wide_m, "BLOCK_N": wide_n, "STAGES": wide_stages,
-                            "BLOCK_R": rank}, wide_warps)
+    wide_m, wide_n, wide_warps, wide_stages = linear.WIDE_RANK_WEIGHT_CONFIG
+    wide = {**weight, "BLOCK_M": wide_m, "BLOCK_N": wide_n, "STAGES": wide_stages}
     return _row_norm_compile_cases(row_norm, bf16_w, lora) + [
         ("column_partials-r16", norm_coefficients._column_partials_kernel, grads,
          {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_R": 16,
@@ -88,20 +82,14 @@ def _compile_cases():
          {**finish, "BLOCK_N": 16, "BLOCK_R": 128}, 4, {}),
         ("finish_coefficients-r16", norm_coefficients._finish_coefficients_kernel, finish_bf16,
          {**finish, "BLOCK_N": 64, "BLOCK_R": 16}, 4, {}),
-        ("weight_norm-r16", linear._weight_norm_partials_kernel, lora, {**norm_pass, "BLOCK_R": 16}, norm_warps, {}),
-        ("weight_norm-r32", linear._weight_norm_partials_kernel, lora, *wide_norm[32], {}),
-        ("weight_norm-r64", linear._weight_norm_partials_kernel, lora, *wide_norm[64], {}),
-        ("weight_norm-fp32-r16", linear._weight_norm_partials_kernel, {},
-         {**norm_pass, "NATIVE_DOT": False, "BLOCK_R": 16, "BLOCK_M": 16, "BLOCK_N": 64, "STAGES": 2}, 4, {}),
-        ("weight_norm-fp32-r64", linear._weight_norm_partials_kernel, {},
-         {**norm_pass, "NATIVE_DOT": False, "BLOCK_R": 64, "BLOCK_M": 16, "BLOCK_N": 32, "STAGES": 2}, 4, {}),
         ("adapter_weight-r16", linear._normalized_weight_kernel, {**lora, "magnitude_ptr": "*bf16", "out_ptr": "*bf16"},
          {**weight, "WITH_NORM": True, "WITH_WEIGHT_A": True, "BLOCK_R": 16}, weight_warps, {}),
+        ("adapter_weight-r64", linear._normalized_weight_kernel, {**lora, "magnitude_ptr": "*bf16", "out_ptr": "*bf16"},
+         {**wide, "WITH_NORM": True, "WITH_WEIGHT_A": True, "BLOCK_R": 64}, wide_warps, {}),
         ("normalized_weight-r16", linear._normalized_weight_kernel, {**lora, "out_ptr": "*bf16"},
          {**weight, "WITH_NORM": False, "WITH_WEIGHT_A": False, "BLOCK_R": 16}, weight_warps, {}),
         ("normalized_weight-r64", linear._normalized_weight_kernel, {**lora, "out_ptr": "*bf16"},
-         {**weight, "WITH_NORM": False, "WITH_WEIGHT_A": False, "BLOCK_R": 64, "BLOCK_M": 16, "BLOCK_N": 128,
-          "STAGES": 2}, 8, {}),
+         {**wide, "WITH_NORM": False, "WITH_WEIGHT_A": False, "BLOCK_R": 64}, wide_warps, {}),
         ("full_weight", linear._normalized_weight_kernel, {"w_ptr": "*bf16", "out_ptr": "*bf16"},
          {**weight, "HAS_LORA": False, "NATIVE_DOT": False, "WITH_NORM": False, "WITH_WEIGHT_A": False, "BLOCK_R": 16},
          weight_warps, {}),
@@ -134,18 +122,20 @@ def _compile_cases():
 
 def _row_norm_compile_cases(row_norm, bf16_w, lora):
     """Every config that autotune may pick for the row-norm kernels: row_norm's (bf16), adapter_row_norm's
-    for bf16 (tensor-core products) and float32 factors, at BLOCK_R 16 and 128."""
+    for bf16 (tensor-core products) and float32 factors, at BLOCK_R 16 to 128."""
     cases = [(f"row_norm-{i}", row_norm._row_norm_kernel, bf16_w, config.kwargs, config.num_warps,
               {"num_stages": config.num_stages}) for i, config in enumerate(row_norm.ROW_NORM_CONFIGS)]
-    for block_r in (16, 128):
+    # The adapter's forward sweeps with split ranges and A A^T, at ranks up to 64.
+    variants = ((False, False), (True, False), (True, True))
+    for block_r in (16, 32, 64, 128):
         for native, pointer_types in ((True, lora), (False, {})):
-            meta = {"NATIVE_DOT": native, "BLOCK_R": block_r}
-            for i, config in enumerate(row_norm._adapter_prune(None, {}, **meta)):
-                for split in (False, True):
+            for split, gram in variants if block_r <= 64 else variants[:2]:
+                meta = {"NATIVE_DOT": native, "BLOCK_R": block_r, "SPLIT": split, "WITH_GRAM": gram}
+                for i, config in enumerate(row_norm._adapter_prune(None, {}, **meta)):
                     cases.append((f"adapter_row_norm-{'bf16' if native else 'fp32'}-r{block_r}-{i}"
-                                  f"{'-split' if split else ''}", row_norm._adapter_row_norm_kernel, pointer_types,
-                                  {**config.kwargs, **meta, "SPLIT": split}, config.num_warps,
-                                  {"num_stages": config.num_stages}))
+                                  f"{'-split' if split else ''}{'-gram' if gram else ''}",
+                                  row_norm._adapter_row_norm_kernel, pointer_types, {**config.kwargs, **meta},
+                                  config.num_warps, {"num_stages": config.num_stages}))
     for block_r in (16, 128):
         cases.append((f"adapter_row_norm_finish-r{block_r}", row_norm._adapter_row_norm_finish_kernel, {},
                       {"BLOCK_M": 32, "BLOCK_R": block_r}, 4, {}))

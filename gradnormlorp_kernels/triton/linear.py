@@ -18,6 +18,7 @@ from ..ops.adapter_linear import adapter_backward as adapter_backward_op, adapte
 from ..ops.full_linear import full_backward as full_backward_op, full_forward as full_forward_op
 from ..ops.projected_grad import projected_grad as projected_grad_op
 from .norm_coefficients import AdapterFactors, column_pass
+from .row_norm import adapter_row_norm_partials
 from .rounding import _round_to, bitwise_bf16
 
 # B A is formed in unrolled chunks of up to this many ranks; ranks up to it also get W' A^T from the weight
@@ -44,62 +45,9 @@ def _lora_tile(a_ptr, b_ptr, row, col, row_mask, col_mask, rank, stride_a, strid
 
 
 @triton.jit
-def _weight_norm_partials_kernel(
-    w_ptr, a_ptr, b_ptr, squares_ptr, weight_a_ptr, rows, cols, rank, cols_per_split,
-    stride_w, stride_a, stride_b, scaling,
-    WITH_WEIGHT_A: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr, RANK_CHUNKS: tl.constexpr, STAGES: tl.constexpr,
-):
-    """Over one column split of a strip of BLOCK_M rows: squares[split, row] = sum of (W0 + s B A)^2 and, with
-    WITH_WEIGHT_A, weight_a[split, row, :] = (W0 + s B A) A^T; `_normalized_weight_kernel` sums the splits."""
-    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    split = tl.program_id(1)
-    row_mask = row < rows
-    # float32 weights: per-column-slot partial sums, reduced once at the end, so rows of thousands of
-    # elements sum with pairwise-like error, not one running sum's (16-bit weights: one running sum).
-    squares = tl.zeros((BLOCK_M, BLOCK_N if not NATIVE_DOT else 1), dtype=tl.float32)
-    weight_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    compensation = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    first = tl.multiple_of(split * cols_per_split, BLOCK_N)
-    for offset in tl.range(0, tl.minimum(cols - first, cols_per_split), BLOCK_N, num_stages=STAGES):
-        col = first + offset + tl.arange(0, BLOCK_N)
-        col_mask = col < cols
-        w = tl.load(w_ptr + row[:, None] * stride_w + col[None, :], mask=row_mask[:, None] & col_mask[None, :],
-                    other=0.0)
-        lora = _lora_tile(a_ptr, b_ptr, row, col, row_mask, col_mask, rank, stride_a, stride_b,
-                          NATIVE_DOT, BLOCK_R, RANK_CHUNKS)
-        if WITH_WEIGHT_A:  # one rank chunk: A's rows are the ones _lora_tile read
-            r = tl.arange(0, BLOCK_R)
-            a = tl.load(a_ptr + r[:, None] * stride_a + col[None, :], mask=(r < rank)[:, None] & col_mask[None, :],
-                        other=0.0)
-            if NATIVE_DOT:
-                # W0 A^T from the exact 16-bit products; the small s (B A) A^T term in tf32.
-                weight_a += tl.dot(w, tl.trans(a))
-                weight_a += scaling * tl.dot(lora, tl.trans(a).to(tl.float32), input_precision="tf32")
-            else:
-                # float32: each tile's products added with compensation (Kahan), so the long sum stays
-                # near cuBLAS's accuracy.
-                tile = tl.dot(w.to(tl.float32) + scaling * lora, tl.trans(a.to(tl.float32)),
-                              input_precision="ieee") - compensation
-                total = weight_a + tile
-                compensation = (total - weight_a) - tile
-                weight_a = total
-        value = w.to(tl.float32) + scaling * lora
-        if NATIVE_DOT:
-            squares += tl.sum(value * value, axis=1, keep_dims=True)
-        else:
-            squares += value * value
-    tl.store(squares_ptr + split * rows + row, tl.sum(squares, axis=1), mask=row_mask)
-    if WITH_WEIGHT_A:
-        r = tl.arange(0, BLOCK_R)
-        tl.store(weight_a_ptr + (split * rows + row[:, None]) * rank + r[None, :], weight_a,
-                 mask=row_mask[:, None] & (r < rank)[None, :])
-
-
-@triton.jit
 def _normalized_weight_kernel(
-    w_ptr, a_ptr, b_ptr, magnitude_ptr, row_scale_ptr, out_ptr, squares_ptr, norm_ptr, partial_a_ptr, weight_a_ptr,
-    rows, cols, rank, splits, stride_w, stride_a, stride_b, stride_out, scaling, floor,
+    w_ptr, a_ptr, b_ptr, magnitude_ptr, row_scale_ptr, out_ptr, squares_ptr, norm_ptr, partial_a_ptr, gram_ptr,
+    weight_a_ptr, rows, cols, rank, splits, stride_w, stride_a, stride_b, stride_out, scaling, floor,
     HAS_LORA: tl.constexpr, WITH_NORM: tl.constexpr, WITH_WEIGHT_A: tl.constexpr, NATIVE_DOT: tl.constexpr,
     BITWISE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, RANK_CHUNKS: tl.constexpr, STAGES: tl.constexpr,
@@ -107,9 +55,9 @@ def _normalized_weight_kernel(
     """out = c[:, None] * (W + s B A) for a strip of BLOCK_M whole rows, B A formed tile by tile in registers.
 
     WITH_NORM: c = M / n, n = ||W + s B A||_row from the `splits` partial sums of squares (written with n, and
-    with WITH_WEIGHT_A the partial (W + s B A) A^T summed into weight_a). Otherwise c is `row_scale`. Both
-    ways the tiles are formed by the same instructions, so the backward, which rebuilds the weight from the
-    forward's c, gets the forward's bits."""
+    with WITH_WEIGHT_A, W' A^T = W A^T + s B (A A^T) from the partial W A^T and A A^T). Otherwise c is
+    `row_scale`. Both ways the tiles are formed by the same instructions, so the backward, which rebuilds the
+    weight from the forward's c, gets the forward's bits."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = row < rows
     if WITH_NORM:
@@ -127,6 +75,12 @@ def _normalized_weight_kernel(
             for split in range(splits):
                 weight_a += tl.load(partial_a_ptr + (split * rows + row[:, None]) * rank + r[None, :],
                                     mask=rank_mask, other=0.0)
+            b = tl.load(b_ptr + row[:, None] * stride_b + r[None, :], mask=rank_mask, other=0.0).to(tl.float32)
+            gram_mask = (r < rank)[:, None] & (r < rank)[None, :]
+            gram = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+            for split in range(splits):
+                gram += tl.load(gram_ptr + (split * rank + r[:, None]) * rank + r[None, :], mask=gram_mask, other=0.0)
+            weight_a += scaling * tl.dot(b, gram, input_precision="ieee")
             tl.store(weight_a_ptr + row[:, None] * rank + r[None, :], weight_a, mask=rank_mask)
     else:
         scale = tl.load(row_scale_ptr + row, mask=row_mask, other=0.0).to(tl.float32)
@@ -186,59 +140,17 @@ def _matmul_f32_kernel(
              mask=(row < M)[:, None] & (col < N)[None, :])
 
 
-# (BLOCK_M, BLOCK_N, num_warps, STAGES) at rank 16 of the norm pass (`_weight_norm_partials_kernel`, the
-# adapter's forward) and of the weight pass (`_normalized_weight_kernel`: forward, backward's rebuild, full
-# mode); bench/time_normalized_weight.py --configs times the candidates.
-NORM_CONFIG = (32, 128, 4, 4)
+# (BLOCK_M, BLOCK_N, num_warps, STAGES) of `_normalized_weight_kernel` (forward, backward's rebuild, full
+# mode) at ranks up to 16 and above; bench/time_normalized_weight.py --configs times the candidates.
 WEIGHT_CONFIG = (16, 512, 4, 4)
-# Programs the norm pass aims for: a strip of rows a program leaves a 4096-row weight 128 programs, too few
-# to keep a GPU's loads in flight, so the columns are split until there are about this many (H200, 4096 x
-# 4096: 22 us at 256 against 24-27 at 512 and 1024).
-_NORM_PROGRAMS = 256
+WIDE_RANK_WEIGHT_CONFIG = (16, 128, 8, 2)
 
 
-def _tile_configs(rank_block, native):
-    """(norm pass, weight pass) configs at this rank chunk: float32 products run on the FMA units (small norm
-    tiles); wider ranks hold more registers (spill-free per the sm_90 resource report)."""
-    norm, weight = NORM_CONFIG, WEIGHT_CONFIG
-    if not native:
-        norm = (16, 64 if rank_block <= 16 else 32, 4, 2)
-    if rank_block > 16:
-        weight = (16, 128, 8, 2)
-        if native:
-            # H200, 4096 x 4096 r=64: 37 us, against 71 at the weight pass's tile; at rank 32 that tile
-            # spills on sm_90, half as wide does not.
-            norm = (32, 128 if rank_block > 32 else 64, 4, 3)
-    return norm, weight
-
-
-def _weight_norm_partials(weight, lora_A, lora_B, scaling, with_weight_A, native, rank_block, config):
-    """Per column split, the sums of squares of W' = W0 + s B A's rows and (with_weight_A) W' A^T:
-    (splits, rows) and (splits, rows, r) float32."""
-    rows, cols = weight.shape
-    rank = lora_A.shape[0]
-    block_m, block_n, warps, stages = config
-    row_blocks = triton.cdiv(rows, block_m)
-    splits = max(1, min(triton.cdiv(_NORM_PROGRAMS, row_blocks), triton.cdiv(cols, block_n)))
-    cols_per_split = triton.cdiv(triton.cdiv(cols, splits), block_n) * block_n
-    splits = triton.cdiv(cols, cols_per_split)
-    squares = torch.empty(splits, rows, dtype=torch.float32, device=weight.device)
-    partial_A = torch.empty(splits, rows, rank, dtype=torch.float32, device=weight.device) if with_weight_A \
-        else squares
-    _weight_norm_partials_kernel[(row_blocks, splits)](
-        weight, lora_A, lora_B, squares, partial_A, rows, cols, rank, cols_per_split,
-        weight.stride(0), lora_A.stride(0), lora_B.stride(0), float(scaling),
-        WITH_WEIGHT_A=with_weight_A, NATIVE_DOT=native, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rank_block,
-        RANK_CHUNKS=triton.cdiv(rank, rank_block), STAGES=1 if triton_interpreted() else stages, num_warps=warps,
-    )
-    return squares, partial_A
-
-
-def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scaling, dtype, with_weight_A,
-                              config=None, norm_config=None):
-    """(W in `dtype`, n or None, W' A^T or None). `magnitude` given: a norm pass over the weight first (n and
-    W' A^T), then `_normalized_weight_kernel` with c = M / n; else `row_scale` is c. `config`, `norm_config`:
-    the two passes' tiles (defaults from `_tile_configs`)."""
+def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scaling, dtype, config=None):
+    """(W in `dtype`, n or None, W' A^T or None). `magnitude` given: adapter_row_norm's sweep over W0 first (per
+    column range, the sums of squares of W' = W0 + s B A's rows and W0 A^T), then `_normalized_weight_kernel`
+    with c = M / n, adding the ranges and, up to _RANK_CHUNK ranks, s B (A A^T) for W' A^T; else `row_scale`
+    is c. `config`: the weight pass's tile."""
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     rows, cols = weight.shape
     device = weight.device
@@ -248,8 +160,8 @@ def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scal
     has_lora = lora_A is not None
     rank = lora_A.shape[0] if has_lora else 0
     rank_block = max(16, triton.next_power_of_2(min(rank, _RANK_CHUNK)))
-    with_weight_A = with_weight_A and rank <= rank_block
-    weight_A = torch.empty(rows, rank, dtype=torch.float32, device=device) if with_weight_A else None
+    with_weight_A = with_norm and rank <= rank_block
+    weight_A = torch.empty(rows, rank, dtype=torch.float32, device=device) if with_norm else None
     if out.numel() == 0:
         return out, None if norm is None else norm.fill_(NORM_FLOOR), None if weight_A is None else weight_A.zero_()
     if has_lora:
@@ -258,49 +170,46 @@ def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scal
     narrow = (torch.bfloat16, torch.float16)
     native = has_lora and weight.dtype in narrow and lora_A.dtype == lora_B.dtype == weight.dtype and \
         not triton_interpreted()
-    default_norm, default_weight = _tile_configs(rank_block, native)
     unused = weight
-    squares = partial_A = unused
+    squares = partial_A = gram = unused
     splits = 0
     if with_norm:
-        squares, partial_A = _weight_norm_partials(weight, lora_A, lora_B, scaling, with_weight_A, native,
-                                                   rank_block, norm_config or default_norm)
+        squares, partial_A, gram = adapter_row_norm_partials(weight, lora_A, lora_B, scaling, with_weight_A)
+        gram = unused if gram is None else gram
         splits = squares.shape[0]
-    block_m, block_n, warps, stages = config or default_weight
+    block_m, block_n, warps, stages = config or (WEIGHT_CONFIG if rank_block <= 16 else WIDE_RANK_WEIGHT_CONFIG)
     _normalized_weight_kernel[(triton.cdiv(rows, block_m),)](
         weight, lora_A if has_lora else unused, lora_B if has_lora else unused,
         magnitude if with_norm else unused, unused if with_norm else row_scale, out, squares,
-        norm if with_norm else unused, partial_A, weight_A if with_weight_A else unused, rows, cols, rank, splits,
-        weight.stride(0), lora_A.stride(0) if has_lora else 0, lora_B.stride(0) if has_lora else 0, out.stride(0),
-        float(scaling), NORM_FLOOR,
+        norm if with_norm else unused, partial_A, gram, weight_A if with_weight_A else unused, rows, cols, rank,
+        splits, weight.stride(0), lora_A.stride(0) if has_lora else 0, lora_B.stride(0) if has_lora else 0,
+        out.stride(0), float(scaling), NORM_FLOOR,
         HAS_LORA=has_lora, WITH_NORM=with_norm, WITH_WEIGHT_A=with_weight_A, NATIVE_DOT=native,
         BITWISE_BF16=bitwise_bf16(dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rank_block,
         RANK_CHUNKS=triton.cdiv(max(rank, 1), rank_block), STAGES=1 if triton_interpreted() else stages,
         num_warps=warps,
     )
+    if with_norm and not with_weight_A:
+        a = lora_A.to(torch.float32)
+        torch.sum(partial_A, 0, out=weight_A).addmm_(lora_B.to(torch.float32), a @ a.T, alpha=float(scaling))
     return out, norm, weight_A
 
 
 def normalized_weight(weight, lora_A, lora_B, row_scale, scaling, dtype):
     """diag(row_scale) (weight + s B A) in `dtype` (`lora_A` None: diag(row_scale) weight)."""
-    return _normalized_weight_launch(weight, lora_A, lora_B, None, row_scale.contiguous(), scaling, dtype, False)[0]
+    return _normalized_weight_launch(weight, lora_A, lora_B, None, row_scale.contiguous(), scaling, dtype)[0]
 
 
 def adapter_weight(base_weight, lora_A, lora_B, magnitude, scaling):
-    """Same contract as the reference op; float64 takes the reference path. Two launches: the norm pass
-    reads W0 for n and W' A^T, the weight pass reads it again and writes W (ranks above _RANK_CHUNK:
-    W' A^T = W0 A^T + s B (A A^T) from cuBLAS products). One launch doing both held 208 registers a thread
-    and ran at a third of the copy bandwidth (NOTES, thirteenth session)."""
+    """Same contract as the reference op; float64 takes the reference path. Two passes over W0: the norm
+    sweep (adapter_row_norm's kernel: n's partial sums and W0 A^T, with W' A^T = W0 A^T + s B (A A^T) from the
+    tiny A A^T, so the sweep forms one (rows, r) product, not two), then the weight pass writes W. One launch
+    doing both held 208 registers a thread and ran at a third of the copy bandwidth (NOTES, thirteenth
+    session); a norm pass forming (W0 + s B A) A^T tile by tile was bound by its three products (fourteenth)."""
     if base_weight.dtype == torch.float64:
         return adapter_weight_op.reference(base_weight, lora_A, lora_B, magnitude, scaling)
-    weight, norm, weight_A = _normalized_weight_launch(
-        base_weight, lora_A, lora_B, magnitude.contiguous(), None, scaling, base_weight.dtype, True
-    )
-    if weight_A is None:
-        a = lora_A.to(torch.float32)
-        weight_A = (base_weight @ lora_A.to(base_weight.dtype).T).to(torch.float32) + \
-            scaling * (lora_B.to(torch.float32) @ (a @ a.T))
-    return weight, norm, weight_A
+    return _normalized_weight_launch(base_weight, lora_A, lora_B, magnitude.contiguous(), None, scaling,
+                                     base_weight.dtype)
 
 
 def matmul_f32(a, b):

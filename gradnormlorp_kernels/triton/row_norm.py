@@ -39,15 +39,17 @@ def _row_norm_kernel(
 
 @triton.jit
 def _adapter_row_norm_kernel(
-    w_ptr, a_ptr, b_ptr, norm_ptr, base_a_ptr, rows, cols, rank, cols_per_split, stride_w, stride_a, stride_b,
-    scaling, floor, SPLIT: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, STAGES: tl.constexpr,
+    w_ptr, a_ptr, b_ptr, norm_ptr, base_a_ptr, gram_ptr, rows, cols, rank, cols_per_split, stride_w, stride_a,
+    stride_b, scaling, floor, SPLIT: tl.constexpr, WITH_GRAM: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One sweep over a block of W0's rows and a range of its columns: W0 A^T, and ||W0 + s B A||^2 summed tile
     by tile from the tile of W0 + s B A formed in registers (never stored). The A tile feeds both products, so
     no A A^T is formed beforehand (no launches before this one) and the sum of squares has no cancellation.
     SPLIT: the range's sums of squares and W0 A^T go to norm[split, row] and base_a[split, row, :], for
-    `_adapter_row_norm_finish_kernel`; otherwise the range is the whole row and n and W0 A^T are stored."""
+    `_adapter_row_norm_finish_kernel`; otherwise the range is the whole row and n and W0 A^T are stored.
+    WITH_GRAM (with SPLIT): also the range's A A^T into gram[split], from the first row block (every block forms
+    it, an eighth of the products at 64 rows, rather than a branch in the pipelined loop or another launch)."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     row_mask = row < rows
@@ -63,6 +65,7 @@ def _adapter_row_norm_kernel(
     squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
     base_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     compensation = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    gram = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
     if SPLIT:
         # A multiple of _SPLIT_COLUMNS: without the hint the loads were not vectorised, and spilled on sm_90.
         first = tl.multiple_of(split * cols_per_split, _SPLIT_COLUMNS)
@@ -78,6 +81,8 @@ def _adapter_row_norm_kernel(
         if NATIVE_DOT:  # bf16/fp16 products are exact in the float32 accumulator
             base_a = tl.dot(w, a_t, base_a)
             lora = tl.dot(b, tl.trans(a_t))
+            if WITH_GRAM:
+                gram = tl.dot(tl.trans(a_t), a_t, gram)
         else:
             a32 = a_t.to(tl.float32)
             # Each tile's products summed on their own, then added with compensation (Kahan): float32's
@@ -87,11 +92,18 @@ def _adapter_row_norm_kernel(
             compensation = (total - base_a) - tile
             base_a = total
             lora = tl.dot(b, tl.trans(a32), input_precision="ieee")
+            if WITH_GRAM:
+                gram = tl.dot(tl.trans(a32), a32, gram, input_precision="ieee")
         merged = w.to(tl.float32) + scaling * lora
         squares += tl.sum(merged * merged, axis=1)
     if SPLIT:
         tl.store(norm_ptr + split * rows + row, squares, mask=row_mask)
         tl.store(base_a_ptr + (split * rows + row[:, None]) * rank + r[None, :], base_a, mask=small_mask)
+        if WITH_GRAM:
+            if tl.program_id(0) == 0:
+                rr = tl.arange(0, BLOCK_R)
+                tl.store(gram_ptr + (split * rank + rr[:, None]) * rank + r[None, :], gram,
+                         mask=(rr < rank)[:, None] & r_mask[None, :])
     else:
         tl.store(norm_ptr + row, tl.maximum(tl.sqrt(squares), floor), mask=row_mask)
         tl.store(base_a_ptr + row[:, None] * rank + r[None, :], base_a, mask=small_mask)
@@ -156,20 +168,23 @@ _TYPICAL_ROWS = 64
 
 
 def _adapter_prune(configs, named_args, **kwargs):
-    """The configs for this launch's kind of product. Above BLOCK_R 64 the (rows, r) accumulator leaves
-    registers for at most 32 elements of the W0 tile per thread (the tiles that stay spill-free on sm_90)."""
+    """The configs for this launch's kind of product. Above BLOCK_R 64, or with the A A^T accumulator, the
+    registers left hold at most 32 elements of the W0 tile per thread, and with A A^T only 64-row blocks or
+    taller (the tiles that stay spill-free on sm_90)."""
+    block_r, gram = kwargs["BLOCK_R"], kwargs.get("WITH_GRAM", False)
     if not kwargs["NATIVE_DOT"]:
-        return ADAPTER_FP32_CONFIGS if kwargs["BLOCK_R"] <= 64 else ADAPTER_FP32_CONFIGS[:1]
-    if kwargs["BLOCK_R"] <= 64:
+        return ADAPTER_FP32_CONFIGS if block_r <= 64 else ADAPTER_FP32_CONFIGS[:1]
+    if block_r <= 64 and not gram:
         return ADAPTER_CONFIGS
-    return [c for c in ADAPTER_CONFIGS if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps]
+    return [c for c in ADAPTER_CONFIGS if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps
+            and (not gram or c.kwargs["BLOCK_M"] >= 64)]
 
 
 # Timings cached on disk: later processes on this machine take the same tile without re-timing, so a
 # run and its resumption sum in the same order.
 _row_norm_tuned = triton.autotune(ROW_NORM_CONFIGS, key=["rows", "cols"], cache_results=True)(_row_norm_kernel)
 _adapter_row_norm_tuned = triton.autotune(
-    ADAPTER_CONFIGS + ADAPTER_FP32_CONFIGS, key=["rows", "cols", "rank", "cols_per_split"],
+    ADAPTER_CONFIGS + ADAPTER_FP32_CONFIGS, key=["rows", "cols", "rank", "cols_per_split", "WITH_GRAM"],
     prune_configs_by={"early_config_prune": _adapter_prune}, cache_results=True,
 )(_adapter_row_norm_kernel)
 
@@ -194,39 +209,59 @@ def _row_norm_into(norm, weight, config=None):
         _launch(_row_norm_tuned, _row_norm_kernel, rows, _ROW_NORM_INTERPRETED, config, args, {})
 
 
+def _column_ranges(rows, cols):
+    """(splits, columns per split) of adapter_row_norm's sweep. Weights with few row blocks (11008 rows are 172
+    blocks of 64 for 132 multiprocessors) also split their columns, so that enough programs stream W0."""
+    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, triton.cdiv(rows, _TYPICAL_ROWS)),
+                        triton.cdiv(cols, _SPLIT_COLUMNS.value)))
+    cols_per_split = max(1, triton.cdiv(triton.cdiv(cols, splits), _SPLIT_COLUMNS.value)) * _SPLIT_COLUMNS.value
+    return max(1, triton.cdiv(cols, cols_per_split)), cols_per_split
+
+
+def _adapter_sweep(squares, partial_a, gram, base_weight, lora_A, lora_B, scaling, split, cols_per_split, config):
+    rows, cols = base_weight.shape
+    rank = lora_A.shape[0]
+    # The interpreter has no bf16 arithmetic: there the products run in float32 (same values).
+    native = (base_weight.dtype == lora_A.dtype == lora_B.dtype and base_weight.dtype in (torch.bfloat16, torch.float16)
+              and not triton_interpreted())
+    args = (base_weight, lora_A, lora_B, squares, partial_a, squares if gram is None else gram, rows, cols, rank,
+            cols_per_split, base_weight.stride(0), lora_A.stride(0), lora_B.stride(0), float(scaling), NORM_FLOOR)
+    meta = {"SPLIT": split, "WITH_GRAM": gram is not None, "NATIVE_DOT": native,
+            "BLOCK_R": max(16, triton.next_power_of_2(rank))}
+    _launch(_adapter_row_norm_tuned, _adapter_row_norm_kernel, rows, _ADAPTER_INTERPRETED, config, args, meta,
+            squares.shape[0] if split else 1)
+
+
+def adapter_row_norm_partials(base_weight, lora_A, lora_B, scaling, with_gram, config=None):
+    """Per column range, the sums of squares of the rows of W0 + s B A, W0 A^T and (`with_gram`, ranks up to 64)
+    A A^T: float32 (splits, rows), (splits, rows, r) and (splits, r, r) or None, for a kernel that adds the
+    ranges (inputs with unit column stride and rows)."""
+    rows, cols = base_weight.shape
+    rank = lora_A.shape[0]
+    splits, cols_per_split = _column_ranges(rows, cols)
+    squares = torch.empty(splits, rows, dtype=torch.float32, device=base_weight.device)
+    partial_a = torch.empty(splits, rows, rank, dtype=torch.float32, device=base_weight.device)
+    gram = torch.empty(splits, rank, rank, dtype=torch.float32, device=base_weight.device) if with_gram else None
+    _adapter_sweep(squares, partial_a, gram, base_weight, lora_A, lora_B, scaling, True, cols_per_split, config)
+    return squares, partial_a, gram
+
+
 def _adapter_row_norm_into(norm, base_A, base_weight, lora_A, lora_B, scaling, config=None):
     """`(n, W0 A^T)` into the contiguous float32 `norm` and `base_A` (inputs with unit column stride);
     `config` forces a tile."""
     rows, cols = base_weight.shape
-    rank = lora_A.shape[0]
     if not rows:
         return
-    # The interpreter has no bf16 arithmetic: there the products run in float32 (same values).
-    native = (base_weight.dtype == lora_A.dtype == lora_B.dtype and base_weight.dtype in (torch.bfloat16, torch.float16)
-              and not triton_interpreted())
-    # Weights with few row blocks (11008 rows are 172 blocks of 64 for 132 multiprocessors) also split their
-    # columns, so that enough programs stream W0; a second small kernel adds the ranges' sums.
-    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, triton.cdiv(rows, _TYPICAL_ROWS)),
-                        triton.cdiv(cols, _SPLIT_COLUMNS.value)))
-    cols_per_split = max(1, triton.cdiv(triton.cdiv(cols, splits), _SPLIT_COLUMNS.value)) * _SPLIT_COLUMNS.value
-    splits = max(1, triton.cdiv(cols, cols_per_split))
-    block_r = max(16, triton.next_power_of_2(rank))
-    if splits > 1:
-        squares = torch.empty(splits, rows, dtype=torch.float32, device=norm.device)
-        partial_a = torch.empty(splits, rows, rank, dtype=torch.float32, device=norm.device)
-    else:
-        squares, partial_a = norm, base_A
-    args = (base_weight, lora_A, lora_B, squares, partial_a, rows, cols, rank, cols_per_split, base_weight.stride(0),
-            lora_A.stride(0), lora_B.stride(0), float(scaling), NORM_FLOOR)
-    meta = {"SPLIT": splits > 1, "NATIVE_DOT": native, "BLOCK_R": block_r}
-    _launch(_adapter_row_norm_tuned, _adapter_row_norm_kernel, rows, _ADAPTER_INTERPRETED, config, args, meta,
-            splits)
-    if splits > 1:
-        finish_rows = 32
-        _adapter_row_norm_finish_kernel[(triton.cdiv(rows, finish_rows),)](
-            squares, partial_a, norm, base_A, rows, rank, splits, NORM_FLOOR, BLOCK_M=finish_rows, BLOCK_R=block_r,
-            num_warps=4,
-        )
+    splits, cols_per_split = _column_ranges(rows, cols)
+    if splits == 1:
+        _adapter_sweep(norm, base_A, None, base_weight, lora_A, lora_B, scaling, False, cols_per_split, config)
+        return
+    squares, partial_a, _ = adapter_row_norm_partials(base_weight, lora_A, lora_B, scaling, False, config)
+    finish_rows = 32
+    _adapter_row_norm_finish_kernel[(triton.cdiv(rows, finish_rows),)](
+        squares, partial_a, norm, base_A, rows, lora_A.shape[0], splits, NORM_FLOOR, BLOCK_M=finish_rows,
+        BLOCK_R=max(16, triton.next_power_of_2(lora_A.shape[0])), num_warps=4,
+    )
 
 
 def row_norm(weight: torch.Tensor) -> torch.Tensor:
