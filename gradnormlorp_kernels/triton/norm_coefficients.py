@@ -13,9 +13,8 @@ import triton.language as tl
 from .._dispatch import triton_interpreted
 from ..ops.norm_coefficients import norm_coefficients as norm_coefficients_op
 from .rounding import _round_to, bitwise_bf16
+from .splits import split_range
 
-# Programs the column pass aims for: enough to cover a GPU's multiprocessors several times over.
-_TARGET_PROGRAMS = 512
 # (BLOCK_T, BLOCK_N, warps, stages) of the column pass without adapter factors (norm_coefficients, full mode):
 # H200, g and y 8192 x 4096 bf16, kernel time from CUDA graphs: 44 us against 53 for (32, 128, 4, default).
 PARTIALS_TILE = (64, 64, 4, 4)
@@ -158,9 +157,7 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None, gr
     else:
         block_t, block_n, warps, stages = PARTIALS_TILE
     col_blocks = triton.cdiv(cols, block_n)
-    splits = max(1, min(triton.cdiv(rows, block_t), triton.cdiv(_TARGET_PROGRAMS, col_blocks)))
-    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_t) * block_t
-    splits = max(1, triton.cdiv(rows, rows_per_split))
+    splits, rows_per_split = split_range(rows, block_t, col_blocks)
     partial = torch.empty(splits, cols, dtype=torch.float32, device=device)
     x_A = lora.x_A if has_xa else partial  # unused pointers without adapter factors
     partial_xa = torch.empty(splits, cols, rank, dtype=torch.float32, device=device) if has_xa else partial

@@ -9,9 +9,8 @@ from ..ops._common import NORM_FLOOR
 from ..ops.project_back import project_back_update as project_back_update_op
 from .rounding import _round_to, bitwise_bf16
 from .row_norm import row_norm
+from .splits import split_range
 
-# Programs the weight pass aims for: a few per multiprocessor of a large GPU.
-_TARGET_PROGRAMS = 512
 # The one-sided bf16/fp16 kernel: (rows, columns, rank) of a tile, and warps.
 _ONE_SIDED_TILE = (64, 64, 64)
 _ONE_SIDED_WARPS = 4
@@ -164,9 +163,7 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate, 
     else:  # 3xTF32 products (float32 weights) need more registers
         block_m, block_n, warps = (32 if weight.dtype == torch.float32 else 64), 64, 8
     row_blocks = triton.cdiv(rows, block_m)
-    splits = max(1, min(triton.cdiv(cols, block_n), triton.cdiv(_TARGET_PROGRAMS, row_blocks)))
-    cols_per_split = triton.cdiv(triton.cdiv(cols, splits), block_n) * block_n
-    splits = triton.cdiv(cols, cols_per_split) if cols else 1
+    splits, cols_per_split = split_range(cols, block_n, row_blocks)
     squares = torch.empty(splits, rows, dtype=torch.float32, device=weight.device)
     _project_back_update_kernel[(row_blocks, splits)](
         weight, factor_left if low_rank else factor_right, factor_right, gate,

@@ -12,6 +12,7 @@ import triton.language as tl
 from .._dispatch import triton_interpreted
 from ..ops.row_norm import adapter_row_norm as adapter_row_norm_op, row_norm as row_norm_op
 from ..ops._common import NORM_FLOOR
+from .splits import split_range
 
 # The unit of adapter_row_norm's column ranges (a multiple of every BLOCK_K; see `_adapter_row_norm_into`).
 _SPLIT_COLUMNS = tl.constexpr(256)
@@ -161,9 +162,7 @@ ADAPTER_FP32_CONFIGS = [
     _config(4, BLOCK_M=16, BLOCK_K=32, STAGES=4),
 ]
 _ADAPTER_INTERPRETED = _config(4, BLOCK_M=16, BLOCK_K=64, STAGES=1)
-# Column splits of adapter_row_norm: programs aimed for (a few per multiprocessor), counted in row blocks of
-# the tall tiles' height.
-_TARGET_PROGRAMS = 512
+# Column splits of adapter_row_norm count row blocks of the tall tiles' height.
 _TYPICAL_ROWS = 64
 
 
@@ -212,10 +211,7 @@ def _row_norm_into(norm, weight, config=None):
 def _column_ranges(rows, cols):
     """(splits, columns per split) of adapter_row_norm's sweep. Weights with few row blocks (11008 rows are 172
     blocks of 64 for 132 multiprocessors) also split their columns, so that enough programs stream W0."""
-    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, triton.cdiv(rows, _TYPICAL_ROWS)),
-                        triton.cdiv(cols, _SPLIT_COLUMNS.value)))
-    cols_per_split = max(1, triton.cdiv(triton.cdiv(cols, splits), _SPLIT_COLUMNS.value)) * _SPLIT_COLUMNS.value
-    return max(1, triton.cdiv(cols, cols_per_split)), cols_per_split
+    return split_range(cols, _SPLIT_COLUMNS.value, triton.cdiv(rows, _TYPICAL_ROWS))
 
 
 def _adapter_sweep(squares, partial_a, gram, base_weight, lora_A, lora_B, scaling, split, cols_per_split, config):
