@@ -50,7 +50,10 @@ def use_backend(name: str) -> Iterator[None]:
         _preference.pop()
 
 
+@functools.cache
 def triton_interpreted() -> bool:
+    """Whether Triton kernels run in its interpreter: Triton decides when a kernel is defined, so the first
+    answer holds for the process (and costs no environment lookup on every launch)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

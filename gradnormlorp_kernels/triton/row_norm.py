@@ -188,12 +188,22 @@ _adapter_row_norm_tuned = triton.autotune(
 )(_adapter_row_norm_kernel)
 
 
+# The tile autotune chose for each launch signature (a superset of its key): later launches go straight to
+# the kernel, without the autotuner's per-call handling of every argument.
+_CHOSEN: dict[tuple, triton.Config] = {}
+
+
 def _launch(tuned, kernel, rows, interpreted_config, config, args, meta, splits=1):
     """`tuned` (autotune picks the tile) or, with a `config` given or under the interpreter, `kernel` with it,
     on a grid of (row blocks, `splits`)."""
     if config is None and not triton_interpreted():
-        tuned[lambda m: (triton.cdiv(rows, m["BLOCK_M"]), splits)](*args, **meta)
-        return
+        key = (kernel, splits, *meta.items(),
+               *(a.dtype if isinstance(a, torch.Tensor) else a for a in args))
+        config = _CHOSEN.get(key)
+        if config is None:
+            tuned[lambda m: (triton.cdiv(rows, m["BLOCK_M"]), splits)](*args, **meta)
+            _CHOSEN[key] = tuned.best_config
+            return
     config = config or interpreted_config
     kernel[(triton.cdiv(rows, config.kwargs["BLOCK_M"]), splits)](
         *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
