@@ -66,8 +66,10 @@ def _compile_cases():
     block_m, block_n, weight_warps, stages = linear.WEIGHT_CONFIG
     weight = {"HAS_LORA": True, "NATIVE_DOT": True, "BITWISE_BF16": False, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "RANK_CHUNKS": 1, "STAGES": stages}
-    wide_m, wide_n, wide_warps, wide_stages = linear.WIDE_RANK_WEIGHT_CONFIG
-    wide = {**weight, "BLOCK_M": wide_m, "BLOCK_N": wide_n, "STAGES": wide_stages}
+    wide = {}  # rank chunk -> (constexprs, warps) of the weight pass's tile there
+    for rank, (wide_m, wide_n, wide_warps, wide_stages) in linear.WIDE_RANK_WEIGHT_CONFIGS.items():
+        wide[rank] = ({**weight, "BLOCK_M": wide_m, "BLOCK_N": wide_n, "STAGES": wide_stages, "BLOCK_R": rank},
+                      wide_warps)
     return _row_norm_compile_cases(row_norm, bf16_w, lora) + [
         ("column_partials-r16", norm_coefficients._column_partials_kernel, grads,
          {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_R": 16,
@@ -84,12 +86,15 @@ def _compile_cases():
          {**finish, "BLOCK_N": 64, "BLOCK_R": 16}, 4, {}),
         ("adapter_weight-r16", linear._normalized_weight_kernel, {**lora, "magnitude_ptr": "*bf16", "out_ptr": "*bf16"},
          {**weight, "WITH_NORM": True, "WITH_WEIGHT_A": True, "BLOCK_R": 16}, weight_warps, {}),
-        ("adapter_weight-r64", linear._normalized_weight_kernel, {**lora, "magnitude_ptr": "*bf16", "out_ptr": "*bf16"},
-         {**wide, "WITH_NORM": True, "WITH_WEIGHT_A": True, "BLOCK_R": 64}, wide_warps, {}),
+        *[(f"adapter_weight-r{rank}", linear._normalized_weight_kernel,
+           {**lora, "magnitude_ptr": "*bf16", "out_ptr": "*bf16"},
+           {**constexprs, "WITH_NORM": True, "WITH_WEIGHT_A": True}, warps, {})
+          for rank, (constexprs, warps) in wide.items()],
         ("normalized_weight-r16", linear._normalized_weight_kernel, {**lora, "out_ptr": "*bf16"},
          {**weight, "WITH_NORM": False, "WITH_WEIGHT_A": False, "BLOCK_R": 16}, weight_warps, {}),
-        ("normalized_weight-r64", linear._normalized_weight_kernel, {**lora, "out_ptr": "*bf16"},
-         {**wide, "WITH_NORM": False, "WITH_WEIGHT_A": False, "BLOCK_R": 64}, wide_warps, {}),
+        *[(f"normalized_weight-r{rank}", linear._normalized_weight_kernel, {**lora, "out_ptr": "*bf16"},
+           {**constexprs, "WITH_NORM": False, "WITH_WEIGHT_A": False}, warps, {})
+          for rank, (constexprs, warps) in wide.items()],
         ("full_weight", linear._normalized_weight_kernel, {"w_ptr": "*bf16", "out_ptr": "*bf16"},
          {**weight, "HAS_LORA": False, "NATIVE_DOT": False, "WITH_NORM": False, "WITH_WEIGHT_A": False, "BLOCK_R": 16},
          weight_warps, {}),

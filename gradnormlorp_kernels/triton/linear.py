@@ -80,7 +80,8 @@ def _normalized_weight_kernel(
             gram = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
             for split in range(splits):
                 gram += tl.load(gram_ptr + (split * rank + r[:, None]) * rank + r[None, :], mask=gram_mask, other=0.0)
-            weight_a += scaling * tl.dot(b, gram, input_precision="ieee")
+            # 3xTF32 (float32 accuracy on tensor cores): the FMA product spilled at rank 64.
+            weight_a += scaling * tl.dot(b, gram, input_precision="tf32x3")
             tl.store(weight_a_ptr + row[:, None] * rank + r[None, :], weight_a, mask=rank_mask)
     else:
         scale = tl.load(row_scale_ptr + row, mask=row_mask, other=0.0).to(tl.float32)
@@ -141,9 +142,11 @@ def _matmul_f32_kernel(
 
 
 # (BLOCK_M, BLOCK_N, num_warps, STAGES) of `_normalized_weight_kernel` (forward, backward's rebuild, full
-# mode) at ranks up to 16 and above; bench/time_normalized_weight.py --configs times the candidates.
+# mode) at rank chunks of 16 and, by chunk, above; bench/time_normalized_weight.py --configs times the
+# candidates (H200, 4096 x 4096 rebuild: r=32 19.5 us, r=64 26.3, against 35.1 and 40.8 at (16, 128, 8, 2)).
+# At rank 64 the rank-32 tile, or four warps, spill on sm_90 (the forward's W' A^T prologue).
 WEIGHT_CONFIG = (16, 512, 4, 4)
-WIDE_RANK_WEIGHT_CONFIG = (16, 128, 8, 2)
+WIDE_RANK_WEIGHT_CONFIGS = {32: (32, 256, 4, 4), 64: (32, 128, 8, 4)}
 
 
 def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scaling, dtype, config=None):
@@ -177,7 +180,7 @@ def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scal
         squares, partial_A, gram = adapter_row_norm_partials(weight, lora_A, lora_B, scaling, with_weight_A)
         gram = unused if gram is None else gram
         splits = squares.shape[0]
-    block_m, block_n, warps, stages = config or (WEIGHT_CONFIG if rank_block <= 16 else WIDE_RANK_WEIGHT_CONFIG)
+    block_m, block_n, warps, stages = config or WIDE_RANK_WEIGHT_CONFIGS.get(rank_block, WEIGHT_CONFIG)
     _normalized_weight_kernel[(triton.cdiv(rows, block_m),)](
         weight, lora_A if has_lora else unused, lora_B if has_lora else unused,
         magnitude if with_norm else unused, unused if with_norm else row_scale, out, squares,
