@@ -95,6 +95,10 @@ def _compile_cases():
         *[(f"normalized_weight-r{rank}", linear._normalized_weight_kernel, {**lora, "out_ptr": "*bf16"},
            {**constexprs, "WITH_NORM": False, "WITH_WEIGHT_A": False}, warps, {})
           for rank, (constexprs, warps) in wide.items()],
+        # Above 64 ranks B A is summed over chunks of 64; the forward's W' A^T then comes from torch.
+        *[(f"{name}-r128", linear._normalized_weight_kernel, {**lora, "magnitude_ptr": "*bf16", "out_ptr": "*bf16"},
+           {**wide[64][0], "WITH_NORM": with_norm, "WITH_WEIGHT_A": False, "RANK_CHUNKS": 2}, wide[64][1], {})
+          for name, with_norm in (("adapter_weight", True), ("normalized_weight", False))],
         ("full_weight", linear._normalized_weight_kernel, {"w_ptr": "*bf16", "out_ptr": "*bf16"},
          {**weight, "HAS_LORA": False, "NATIVE_DOT": False, "WITH_NORM": False, "WITH_WEIGHT_A": False, "BLOCK_R": 16},
          weight_warps, {}),
