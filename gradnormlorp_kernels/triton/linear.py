@@ -21,8 +21,8 @@ from .norm_coefficients import AdapterFactors, column_pass
 from .row_norm import adapter_row_norm_partials
 from .rounding import _round_to, bitwise_bf16
 
-# B A is formed in unrolled chunks of up to this many ranks; ranks up to it also get W' A^T from the weight
-# kernel's own pass (registers hold a (rows, rank) tile).
+# B A is formed in unrolled chunks of up to this many ranks; ranks up to it also get W' A^T finished by the
+# weight kernel (registers hold a (rows, rank) tile and the (rank, rank) A A^T).
 _RANK_CHUNK = 64
 
 

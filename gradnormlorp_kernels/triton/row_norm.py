@@ -228,6 +228,8 @@ def _column_ranges(rows, cols, with_gram=False):
 
 
 def _adapter_sweep(squares, partial_a, gram, base_weight, lora_A, lora_B, scaling, split, cols_per_split, config):
+    """One launch of `_adapter_row_norm_kernel`: with `split`, per column range into `squares`, `partial_a` and
+    (given) `gram`; otherwise n and W0 A^T of whole rows into the first two."""
     rows, cols = base_weight.shape
     rank = lora_A.shape[0]
     # The interpreter has no bf16 arithmetic: there the products run in float32 (same values).
