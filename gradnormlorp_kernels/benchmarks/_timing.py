@@ -137,6 +137,25 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device, grad_to_non
     return int(torch.cuda.max_memory_allocated(device) - before)
 
 
+def kernel_ms(fn: Callable[[], object], device: torch.device, grad_to_none: list[torch.Tensor], calls: int = 5
+              ) -> Optional[float]:
+    """The GPU kernels' own time per call of `fn` (torch.profiler), without the gaps between them: where a
+    method's median is above it, the host's launches are what the median timed (CUDA only; None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        for _ in range(calls):
+            clear_grads(grad_to_none)
+            fn()
+        torch.cuda.synchronize(device)
+    kernels_us = sum(event.device_time_total for event in trace.events()
+                     if event.device_type == torch.autograd.DeviceType.CUDA)
+    return kernels_us / calls / 1e3
+
+
 def release_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -121,10 +121,12 @@ def _measure(layer: nn.Module, size: LayerSizes, sizes: str, device: torch.devic
     # A graph's memory pool is allocated when it is recorded: a replay allocates nothing, so the eager row
     # is the one that says how much memory the layer needs.
     extra = None if compiled else _timing.peak_extra_bytes(forward_backward, device, cleared)
+    # The kernels' own time, beside a median that on a slow host times the launches (graph replays: no gaps).
+    kernels = None if compiled else _timing.kernel_ms(forward_backward, device, cleared)
     backend = _our_backend(device, module.mode) if isinstance(module, GradNormLoRPLinear) else ""
     return dict(
         backend=backend, median_ms=timing.median_ms, q20_ms=timing.low_ms, q80_ms=timing.high_ms,
-        peak_extra_bytes=extra,
+        peak_extra_bytes=extra, note="" if kernels is None else f"GPU kernels {kernels:.3f} ms a call",
     )
 
 
