@@ -122,11 +122,16 @@ def _measure(layer: nn.Module, size: LayerSizes, sizes: str, device: torch.devic
     # is the one that says how much memory the layer needs.
     extra = None if compiled else _timing.peak_extra_bytes(forward_backward, device, cleared)
     # The kernels' own time, beside a median that on a slow host times the launches (graph replays: no gaps).
-    kernels = None if compiled else _timing.kernel_ms(forward_backward, device, cleared)
+    note = ""
+    try:
+        kernels = None if compiled else _timing.kernel_ms(forward_backward, device, cleared)
+        note = "" if kernels is None else f"GPU kernels {kernels:.3f} ms a call"
+    except RuntimeError as exc:  # a profiler that cannot start must not cost the row its timing
+        note = f"GPU kernel time unavailable: {exc}"[:200]
     backend = _our_backend(device, module.mode) if isinstance(module, GradNormLoRPLinear) else ""
     return dict(
         backend=backend, median_ms=timing.median_ms, q20_ms=timing.low_ms, q80_ms=timing.high_ms,
-        peak_extra_bytes=extra, note="" if kernels is None else f"GPU kernels {kernels:.3f} ms a call",
+        peak_extra_bytes=extra, note=note,
     )
 
 
