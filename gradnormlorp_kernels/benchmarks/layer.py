@@ -122,7 +122,6 @@ def _measure(layer: nn.Module, size: LayerSizes, sizes: str, device: torch.devic
     # is the one that says how much memory the layer needs.
     extra = None if compiled else _timing.peak_extra_bytes(forward_backward, device, cleared)
     # The kernels' own time, beside a median that on a slow host times the launches (graph replays: no gaps).
-    note = ""
     try:
         kernels = None if compiled else _timing.kernel_ms(forward_backward, device, cleared)
         note = "" if kernels is None else f"GPU kernels {kernels:.3f} ms a call"
