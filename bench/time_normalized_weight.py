@@ -4,7 +4,7 @@ rebuild from a known row scale, and full mode's diag(c) V, at each candidate wei
 BLOCK_N, warps, stages); kernel time from CUDA graphs (`time_kernels`), in us and % of the byte floor (W0 read
 once, W written once; the norm sweep: W0 read once) at the copy bandwidth.
 
-    python bench/time_normalized_weight.py [--copy-gbs 4243] [--configs] [--shapes 2]
+    python bench/time_normalized_weight.py [--copy-gbs 4243] [--configs] [--shapes 2] [--ranks 64 32]
 """
 
 import argparse
@@ -24,9 +24,12 @@ def main() -> None:
     parser.add_argument("--copy-gbs", type=float, default=4243.0)
     parser.add_argument("--configs", action="store_true", help="time every candidate, not only the default")
     parser.add_argument("--shapes", type=int, default=None, help="the first N shapes (with --configs: 1)")
+    parser.add_argument("--ranks", type=int, nargs="+", help="the shapes of these ranks instead")
     args = parser.parse_args()
     device = torch.device("cuda")
-    for rows, cols, rank in SHAPES[:args.shapes or (1 if args.configs else len(SHAPES))]:
+    shapes = [s for s in SHAPES if s[2] in args.ranks] if args.ranks else \
+        SHAPES[:args.shapes or (1 if args.configs else len(SHAPES))]
+    for rows, cols, rank in shapes:
         base = torch.randn(rows, cols, device=device, dtype=torch.bfloat16) / cols**0.5
         lora_A = torch.randn(rank, cols, device=device, dtype=torch.bfloat16) / cols**0.5
         lora_B = torch.randn(rows, rank, device=device, dtype=torch.bfloat16) * 0.05
