@@ -15,10 +15,12 @@ from .quant8 import CodeSearch, _quantize_block, code_search
 # Rows of BLOCK_SIZE elements per program of the update kernel and its warps: 8-bit states (one row per
 # quantisation block, the absmax of a row reduced inside the program; one row on one warp, H200: 237 us at
 # 4096 x 8192 against 294 with two rows on four warps, as in the segmented kernel, which shares this
-# arithmetic), float32 states; elements per program of the finiteness check.
+# arithmetic), float32 states; elements per program of the finiteness check and its warps (each program ends
+# on two atomics to one address: H200, 4096 x 8192 fp32, 42.8 us at 4096 on 8 warps, 35.3 at 16384 on 16 = 90%
+# of the copy bandwidth; bench/time_finite_check.py).
 _QUANTIZED_BLOCKS, _QUANTIZED_WARPS = 1, 1
 _PLAIN_BLOCKS, _PLAIN_WARPS = 4, 4
-_CHECK_BLOCK = 4096
+_CHECK_BLOCK, _CHECK_WARPS = 16384, 16
 # Programs the update aims for: a projected state (r x 2048, say) is a few hundred blocks, and 8 blocks a
 # program would leave most of a GPU's multiprocessors idle, so small states take fewer blocks a program.
 _TARGET_PROGRAMS = 512
@@ -111,7 +113,7 @@ def adam_update(grad, exp_avg, exp_avg_sq, absmax_avg, absmax_avg_sq, code_signe
     direction = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
     flags = torch.zeros(2, dtype=torch.int32, device=grad.device)
     _finite_check_kernel[(max(1, triton.cdiv(numel, _CHECK_BLOCK)),)](
-        flat_grad, numel, flags, step, skipped, BLOCK=_CHECK_BLOCK, num_warps=8
+        flat_grad, numel, flags, step, skipped, BLOCK=_CHECK_BLOCK, num_warps=_CHECK_WARPS
     )
     if numel == 0:
         return direction
