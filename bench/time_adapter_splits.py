@@ -3,7 +3,7 @@
 (`time_kernels`), in us and % of the byte floor (W0 read once; adapter_weight: read and written once) at the
 copy bandwidth, with the tile autotune chose.
 
-    python bench/time_adapter_splits.py [--copy-gbs 4243]
+    python bench/time_adapter_splits.py [--copy-gbs 4243] [--targets 256 512 ...]
 """
 
 import argparse
@@ -15,13 +15,15 @@ from gradnormlorp_kernels.benchmarks._timing import time_kernels
 from gradnormlorp_kernels.triton import linear, row_norm
 from gradnormlorp_kernels.triton.splits import split_range
 
-SHAPES = [(11008, 4096, 16), (4096, 4096, 16), (4096, 11008, 16), (4096, 4096, 64)]
+SHAPES = [(11008, 4096, 16), (4096, 4096, 16), (4096, 11008, 16), (4096, 4096, 64), (14336, 4096, 16),
+          (8192, 4096, 16), (11008, 4096, 64)]
 TARGETS = (256, 512, 688, 1024, 2048)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copy-gbs", type=float, default=4243.0)
+    parser.add_argument("--targets", type=int, nargs="+", default=TARGETS, help="column-split program targets")
     args = parser.parse_args()
     device = torch.device("cuda")
     for rows, cols, rank in SHAPES:
@@ -30,7 +32,7 @@ def main() -> None:
         lora_B = torch.randn(rows, rank, device=device, dtype=torch.bfloat16) * 0.05
         magnitude = (torch.rand(rows, device=device) + 0.5).bfloat16()
         read = base.numel() * base.element_size()
-        for target in TARGETS:
+        for target in args.targets:
             # Every sweep of this process at this target (with or without A A^T), and a fresh tile memo.
             row_norm._column_ranges = lambda r, c, with_gram=False, t=target: split_range(
                 c, row_norm._SPLIT_COLUMNS.value, triton.cdiv(r, row_norm._TYPICAL_ROWS), t)

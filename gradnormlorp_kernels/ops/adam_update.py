@@ -50,7 +50,11 @@ def adam_update(
     v_new = v * beta2 + (1.0 - beta2) * g * g
     bias1 = 1.0 - beta1**new_step
     bias2 = 1.0 - beta2**new_step
-    direction = (m_new / bias1) / ((v_new / bias2).sqrt() + eps)
+    # The bias corrections as two scalar factors (torch's Adam divides by sqrt(bias2) once too): one division
+    # and one root an element, so the kernels' per-element arithmetic is as short as it can be.
+    inverse_bias1 = bias1.to(m_new.dtype).reciprocal()
+    inverse_root_bias2 = bias2.to(m_new.dtype).sqrt().reciprocal()
+    direction = (m_new * inverse_bias1) / (v_new.sqrt() * inverse_root_bias2 + eps)
     direction = torch.where(finite, direction, torch.zeros_like(direction))
 
     if quantized:

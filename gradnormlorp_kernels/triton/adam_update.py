@@ -76,10 +76,11 @@ def _adam_update_kernel(
     else:
         m_new = tl.fma(beta1_weight, g - m, m)
     v_new = v * beta2 + beta2_complement * g * g
-    bias1 = 1.0 - tl.load(power1_ptr)
-    bias2 = 1.0 - tl.load(power2_ptr)
-    # Correctly rounded division and root (Triton's defaults are approximate), as torch computes them.
-    direction = tl.div_rn(tl.div_rn(m_new, bias1), tl.sqrt_rn(tl.div_rn(v_new, bias2)) + eps)
+    # Correctly rounded divisions and roots (Triton's defaults are approximate), as torch computes them;
+    # the bias corrections as the reference's two scalar factors.
+    inverse_bias1 = tl.div_rn(1.0, 1.0 - tl.load(power1_ptr))
+    inverse_root_bias2 = tl.div_rn(1.0, tl.sqrt_rn(1.0 - tl.load(power2_ptr)))
+    direction = tl.div_rn(m_new * inverse_bias1, tl.sqrt_rn(v_new) * inverse_root_bias2 + eps)
     tl.store(direction_ptr + offsets, tl.where(finite, direction, 0.0), mask=mask)
     write = mask & finite
     if QUANTIZED:

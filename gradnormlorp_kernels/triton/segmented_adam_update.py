@@ -102,9 +102,9 @@ def _segmented_adam_kernel(
     else:
         m_new = tl.fma(beta1_weight, g - m, m)
     v_new = v * beta2 + beta2_complement * g * g
-    bias1 = (1.0 - tl.load(power1_ptr + segment))[:, None]
-    bias2 = (1.0 - tl.load(power2_ptr + segment))[:, None]
-    direction = tl.div_rn(tl.div_rn(m_new, bias1), tl.sqrt_rn(tl.div_rn(v_new, bias2)) + eps)
+    inverse_bias1 = tl.div_rn(1.0, 1.0 - tl.load(power1_ptr + segment))[:, None]
+    inverse_root_bias2 = tl.div_rn(1.0, tl.sqrt_rn(1.0 - tl.load(power2_ptr + segment)))[:, None]
+    direction = tl.div_rn(m_new * inverse_bias1, tl.sqrt_rn(v_new) * inverse_root_bias2 + eps)
     scaled = tl.where(finite, direction, 0.0) * tl.load(scale_ptr)
     tl.store(out_ptr + offsets, _round_to(scaled, out_ptr.dtype.element_ty, BITWISE_BF16), mask=mask)
     write = mask & finite
