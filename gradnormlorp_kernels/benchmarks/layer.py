@@ -114,6 +114,10 @@ def _measure(layer: nn.Module, size: LayerSizes, sizes: str, device: torch.devic
     module = getattr(layer, "_orig_mod", layer)
     compiled = module is not layer
     if compiled:  # compilation, then the recording of the graphs, before anything is timed
+        # x at a fixed address, as a layer's input inside a compiled model is: else every replay first copies it
+        # into the graph's own buffer (H200, D=4096 T=8192: copying x and the upstream gradient took ~100 us of
+        # the ~1 ms row; bench/profile_layer.py --compiled). The upstream gradient is still copied.
+        torch._dynamo.mark_static_address(x)
         for _ in range(COMPILE_WARMUP_CALLS):
             _timing.clear_grads(cleared)
             forward_backward()
