@@ -15,8 +15,8 @@ struct AdamScalars {
   bool lerp_from_start; // torch.lerp's base: start below 0.5, else end
   float beta2;
   float one_minus_beta2;
-  float bias1;          // 1 - beta1^step
-  float bias2;          // 1 - beta2^step
+  float inverse_bias1;       // 1 / (1 - beta1^step)
+  float inverse_root_bias2;  // 1 / sqrt(1 - beta2^step)
   float eps;
 };
 
@@ -35,9 +35,9 @@ C10_HOST_DEVICE inline float second_moment(float v, float g, const AdamScalars& 
   return decayed + fresh;
 }
 
-// (m / bias1) / (sqrt(v / bias2) + eps)
+// (m (1 / bias1)) / (sqrt(v) (1 / sqrt(bias2)) + eps): one division and one root an element
 C10_HOST_DEVICE inline float adam_direction(float m, float v, const AdamScalars& s) {
-  return (m / s.bias1) / (::sqrtf(v / s.bias2) + s.eps);
+  return (m * s.inverse_bias1) / (::sqrtf(v) * s.inverse_root_bias2 + s.eps);
 }
 
 // Index of the nearest map entry: the number of midpoints below x (torch.bucketize, right=False).
@@ -69,8 +69,8 @@ C10_HOST_DEVICE inline AdamScalars make_adam_scalars(double beta1, double beta2,
   s.lerp_coeff = s.lerp_from_start ? weight : weight - 1.0f;
   s.beta2 = static_cast<float>(beta2);
   s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  s.bias1 = 1.0f - ::powf(static_cast<float>(beta1), step);
-  s.bias2 = 1.0f - ::powf(static_cast<float>(beta2), step);
+  s.inverse_bias1 = 1.0f / (1.0f - ::powf(static_cast<float>(beta1), step));
+  s.inverse_root_bias2 = 1.0f / ::sqrtf(1.0f - ::powf(static_cast<float>(beta2), step));
   s.eps = static_cast<float>(eps);
   return s;
 }
