@@ -44,6 +44,25 @@ def _finite_check_kernel(grad_ptr, numel, flags_ptr, step_ptr, skipped_ptr, BLOC
 
 
 @triton.jit
+def _adam_arithmetic(m, v, g, power1, power2, beta1_weight, beta2, beta2_complement, eps, LERP_FROM_END: tl.constexpr):
+    """The reference's per-element Adam in float32: new moments and the direction, from beta ** step
+    (`power1`, `power2`); shared with the segmented kernel, so both match the reference alike."""
+    # torch.lerp's two formulas (it picks by |weight| < 0.5), fused as torch fuses them, so the moments
+    # match the reference bit for bit.
+    if LERP_FROM_END:
+        m_new = tl.fma(m - g, 1.0 - beta1_weight, g)
+    else:
+        m_new = tl.fma(beta1_weight, g - m, m)
+    v_new = v * beta2 + beta2_complement * g * g
+    # Correctly rounded divisions and roots (Triton's defaults are approximate), as torch computes them;
+    # the bias corrections as the reference's two scalar factors.
+    inverse_bias1 = tl.div_rn(1.0, 1.0 - power1)
+    inverse_root_bias2 = tl.div_rn(1.0, tl.sqrt_rn(1.0 - power2))
+    direction = tl.div_rn(m_new * inverse_bias1, tl.sqrt_rn(v_new) * inverse_root_bias2 + eps)
+    return m_new, v_new, direction
+
+
+@triton.jit
 def _adam_update_kernel(
     grad_ptr, m_ptr, v_ptr, absmax_m_ptr, absmax_v_ptr, code_m_ptr, code_v_ptr, table_m_ptr, table_v_ptr,
     midpoints_m_ptr, midpoints_v_ptr, direction_ptr, flags_ptr, power1_ptr, power2_ptr, numel,
@@ -69,18 +88,8 @@ def _adam_update_kernel(
     else:
         m = tl.load(m_ptr + offsets, mask=mask, other=0.0)
         v = tl.load(v_ptr + offsets, mask=mask, other=0.0)
-    # torch.lerp's two formulas (it picks by |weight| < 0.5), fused as torch fuses them, so the moments
-    # match the reference bit for bit.
-    if LERP_FROM_END:
-        m_new = tl.fma(m - g, 1.0 - beta1_weight, g)
-    else:
-        m_new = tl.fma(beta1_weight, g - m, m)
-    v_new = v * beta2 + beta2_complement * g * g
-    # Correctly rounded divisions and roots (Triton's defaults are approximate), as torch computes them;
-    # the bias corrections as the reference's two scalar factors.
-    inverse_bias1 = tl.div_rn(1.0, 1.0 - tl.load(power1_ptr))
-    inverse_root_bias2 = tl.div_rn(1.0, tl.sqrt_rn(1.0 - tl.load(power2_ptr)))
-    direction = tl.div_rn(m_new * inverse_bias1, tl.sqrt_rn(v_new) * inverse_root_bias2 + eps)
+    m_new, v_new, direction = _adam_arithmetic(m, v, g, tl.load(power1_ptr), tl.load(power2_ptr), beta1_weight,
+                                               beta2, beta2_complement, eps, LERP_FROM_END)
     tl.store(direction_ptr + offsets, tl.where(finite, direction, 0.0), mask=mask)
     write = mask & finite
     if QUANTIZED:

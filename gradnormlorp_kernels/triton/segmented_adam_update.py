@@ -14,6 +14,7 @@ import triton.language as tl
 from ..ops.quant8 import BLOCK_SIZE, num_blocks
 from ..ops.segmented_adam_update import _check_args, check_segments
 from ..ops.segmented_adam_update import segmented_adam_update as segmented_adam_update_op
+from .adam_update import _adam_arithmetic
 from .quant8 import CodeSearch, _quantize_block, code_search
 from .rounding import _round_to, bitwise_bf16
 
@@ -97,14 +98,10 @@ def _segmented_adam_kernel(
     else:
         m = tl.load(m_ptr + offsets, mask=mask, other=0.0)
         v = tl.load(v_ptr + offsets, mask=mask, other=0.0)
-    if LERP_FROM_END:
-        m_new = tl.fma(m - g, 1.0 - beta1_weight, g)
-    else:
-        m_new = tl.fma(beta1_weight, g - m, m)
-    v_new = v * beta2 + beta2_complement * g * g
-    inverse_bias1 = tl.div_rn(1.0, 1.0 - tl.load(power1_ptr + segment))[:, None]
-    inverse_root_bias2 = tl.div_rn(1.0, tl.sqrt_rn(1.0 - tl.load(power2_ptr + segment)))[:, None]
-    direction = tl.div_rn(m_new * inverse_bias1, tl.sqrt_rn(v_new) * inverse_root_bias2 + eps)
+    m_new, v_new, direction = _adam_arithmetic(
+        m, v, g, tl.load(power1_ptr + segment)[:, None], tl.load(power2_ptr + segment)[:, None], beta1_weight, beta2,
+        beta2_complement, eps, LERP_FROM_END,
+    )
     scaled = tl.where(finite, direction, 0.0) * tl.load(scale_ptr)
     tl.store(out_ptr + offsets, _round_to(scaled, out_ptr.dtype.element_ty, BITWISE_BF16), mask=mask)
     write = mask & finite
