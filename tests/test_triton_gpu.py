@@ -1,10 +1,10 @@
 """The Triton kernels on a real GPU at real shapes, against the reference ops and a float64 truth.
 
 `test_kernels_compile_for_hopper` runs anywhere (no GPU): it compiles each kernel, at the launchers'
-tile sizes, for sm_90 and checks the compiler's resource report for register spills. Each other test
-compares the Triton op with the reference op run in the same low precision on the GPU (the
-PyTorch baseline) and with a float64 truth: Triton may be at most `FACTOR` times further from the truth
-than the baseline. Run on the device machine: `python -m pytest -m gpu tests/test_triton_gpu.py`.
+tile sizes, for sm_90 and checks the compiler's resource report for register spills and the shared memory
+it needs. Each other test compares the Triton op with the reference op run in the same low precision on the
+GPU (the PyTorch baseline) and with a float64 truth: Triton may be at most `FACTOR` times further from the
+truth than the baseline. Run on the device machine: `python -m pytest -m gpu tests/test_triton_gpu.py`.
 `python tests/test_triton_gpu.py` prints median timings of every Triton op against its reference, and the
 achieved bandwidth of the memory-bound ones against the measured device-to-device copy bandwidth.
 """
@@ -25,6 +25,8 @@ from conftest import assert_within_baseline, clone_args, run_op, scaled_error
 from gradnormlorp_kernels import ops
 
 FACTOR = 4.0
+# Shared memory a block may opt into on sm_90 (H100, H200).
+SM90_SHARED_BYTES = 232448
 D, T, RANK, PROJECTOR_RANK = 4096, 8192, 16, 128
 
 
@@ -99,6 +101,9 @@ def _compile_cases():
         *[(f"{name}-r128", linear._normalized_weight_kernel, {**lora, "magnitude_ptr": "*bf16", "out_ptr": "*bf16"},
            {**wide[64][0], "WITH_NORM": with_norm, "WITH_WEIGHT_A": False, "RANK_CHUNKS": 2}, wide[64][1], {})
           for name, with_norm in (("adapter_weight", True), ("normalized_weight", False))],
+        ("adapter_weight-r256", linear._normalized_weight_kernel, {**lora, "magnitude_ptr": "*bf16", "out_ptr": "*bf16"},
+         {**wide[64][0], "WITH_NORM": True, "WITH_WEIGHT_A": False, "RANK_CHUNKS": 4}, wide[64][1], {}),
+        *_fma_weight_cases(linear, weight),
         ("full_weight", linear._normalized_weight_kernel, {"w_ptr": "*bf16", "out_ptr": "*bf16"},
          {**weight, "HAS_LORA": False, "NATIVE_DOT": False, "WITH_NORM": False, "WITH_WEIGHT_A": False, "BLOCK_R": 16},
          weight_warps, {}),
@@ -127,6 +132,22 @@ def _compile_cases():
          {**back, "LOW_RANK": False, "DOT_PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": 256}, 4, {}),
         ("row_norm_from_squares", project_back._row_norm_from_squares_kernel, {}, {"BLOCK": 1024}, 4, {}),
     ]
+
+
+def _fma_weight_cases(linear, lora_constexprs):
+    """The float32 adapter weight pass (FMA products) at the tiles and stages its launcher picks on sm_90, at
+    rank chunks of 16 to 64 and up to four chunks (rank 256)."""
+    cases = []
+    for rank_block, chunks in ((16, 1), (32, 1), (64, 1), (64, 2), (64, 4)):
+        config = linear.WEIGHT_CONFIG if rank_block == 16 else linear.FMA_WIDE_RANK_WEIGHT_CONFIG
+        block_m, block_n, warps, stages = config
+        stages = linear.weight_pass_stages(block_m, block_n, rank_block, chunks, 4, stages, SM90_SHARED_BYTES)
+        constexprs = {**lora_constexprs, "NATIVE_DOT": False, "WITH_NORM": True, "WITH_WEIGHT_A": chunks == 1,
+                      "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": rank_block, "RANK_CHUNKS": chunks,
+                      "STAGES": stages}
+        cases.append((f"adapter_weight-fp32-r{rank_block * chunks}", linear._normalized_weight_kernel, {},
+                      constexprs, warps, {}))
+    return cases
 
 
 def _row_norm_compile_cases(row_norm, bf16_w, lora):
@@ -169,7 +190,8 @@ def _hopper_toolchain():
 
 
 def compile_for_hopper(directory: Path) -> list[str]:
-    """Compile every kernel case for sm_90; one problem string per kernel that fails or spills registers.
+    """Compile every kernel case for sm_90; one problem string per kernel that fails, spills registers or
+    needs more shared memory than a block has.
     Needs kernels defined without TRITON_INTERPRET (the interpreter's kernels cannot be compiled)."""
     toolchain = _hopper_toolchain()
     if toolchain is None:
@@ -209,6 +231,9 @@ def compile_for_hopper(directory: Path) -> list[str]:
         stack = [int(v) for v in re.findall(r"STACK:(\d+)", usage.stdout)]
         if not stack or max(stack) > 0:
             problems.append(f"{name}: register spills ({max(stack or [-1])}-byte stack frame) on sm_90")
+        if compiled.metadata.shared > SM90_SHARED_BYTES:
+            problems.append(f"{name}: needs {compiled.metadata.shared} bytes of shared memory, sm_90 has "
+                            f"{SM90_SHARED_BYTES}")
     return problems
 
 
@@ -525,6 +550,6 @@ def main() -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--compile"]:
         found = compile_for_hopper(Path(sys.argv[2]))
-        print("\n".join(found) or "every kernel compiles for sm_90 without spills")
+        print("\n".join(found) or "every kernel compiles for sm_90 without spills, within its shared memory")
         sys.exit(1 if found else 0)
     sys.exit(main())

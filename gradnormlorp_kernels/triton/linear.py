@@ -7,6 +7,8 @@ raw upstream gradient (gh W0 + s (gh B) A == g W). The remaining terms read g an
 (`column_pass`) plus thin GEMMs.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -147,6 +149,27 @@ def _matmul_f32_kernel(
 # At rank 64 the rank-32 tile, or four warps, spill on sm_90 (the forward's W' A^T prologue).
 WEIGHT_CONFIG = (16, 512, 4, 4)
 WIDE_RANK_WEIGHT_CONFIGS = {32: (32, 256, 4, 4), 64: (32, 128, 8, 4)}
+# Products on the FMA units (float32 operands) above 16 ranks: the tile that holds W' A^T and the chunks of B A
+# without spilling on sm_90 at rank chunks of 32 and 64, up to four chunks (Triton 3.6 and 3.9; 8 warps spilled
+# at four).
+FMA_WIDE_RANK_WEIGHT_CONFIG = (16, 128, 16, 4)
+# Shared memory of the float32 weight pass besides its pipeline buffers, at most (sm_90, Triton 3.6 and 3.9).
+_WEIGHT_PASS_SCRATCH_BYTES = 16384
+
+
+def weight_pass_stages(block_m, block_n, block_r, rank_chunks, element_size, stages, shared_bytes):
+    """The most pipeline stages, up to `stages`, of the weight pass with float32 (FMA-product) operands that
+    fit in `shared_bytes` a block. Each stage after the first buffers a W tile and the A and B chunks; at rank
+    70 (two chunks) the (32, 128, 8, 4) tile asked for 304 KB, past sm_90's 227. The bf16 products do not
+    stage through shared memory (17-33 KB at any depth), so they keep their tile's stages."""
+    per_stage = (block_m * block_n + rank_chunks * block_r * (block_m + block_n)) * element_size
+    return max(1, min(stages, 1 + (shared_bytes - _WEIGHT_PASS_SCRATCH_BYTES) // per_stage))
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_bytes(device_index):
+    """Shared memory a block may opt into on this GPU (227 KB on sm_90, 99 KB on sm_89), as Triton checks it."""
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
 def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scaling, dtype, config=None):
@@ -180,7 +203,15 @@ def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scal
         squares, partial_A, gram = adapter_row_norm_partials(weight, lora_A, lora_B, scaling, with_weight_A)
         gram = unused if gram is None else gram
         splits = squares.shape[0]
-    block_m, block_n, warps, stages = config or WIDE_RANK_WEIGHT_CONFIGS.get(rank_block, WEIGHT_CONFIG)
+    if config is None and rank_block > 16:
+        config = WIDE_RANK_WEIGHT_CONFIGS[rank_block] if native else FMA_WIDE_RANK_WEIGHT_CONFIG
+    block_m, block_n, warps, stages = config or WEIGHT_CONFIG
+    chunks = triton.cdiv(max(rank, 1), rank_block)
+    if triton_interpreted():
+        stages = 1
+    elif not native:
+        stages = weight_pass_stages(block_m, block_n, rank_block, chunks if has_lora else 0, weight.element_size(),
+                                    stages, _shared_bytes(device.index))
     _normalized_weight_kernel[(triton.cdiv(rows, block_m),)](
         weight, lora_A if has_lora else unused, lora_B if has_lora else unused,
         magnitude if with_norm else unused, unused if with_norm else row_scale, out, squares,
@@ -189,7 +220,7 @@ def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scal
         out.stride(0), float(scaling), NORM_FLOOR,
         HAS_LORA=has_lora, WITH_NORM=with_norm, WITH_WEIGHT_A=with_weight_A, NATIVE_DOT=native,
         BITWISE_BF16=bitwise_bf16(dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rank_block,
-        RANK_CHUNKS=triton.cdiv(max(rank, 1), rank_block), STAGES=1 if triton_interpreted() else stages,
+        RANK_CHUNKS=chunks, STAGES=stages,
         num_warps=warps,
     )
     if with_norm and not with_weight_A:

@@ -155,11 +155,12 @@ ADAPTER_CONFIGS = [
     _config(8, BLOCK_M=128, BLOCK_K=128, STAGES=3),
     _config(4, BLOCK_M=32, BLOCK_K=128, STAGES=4),
 ]
-# float32 products run on the FMA units (exact float32, as the reference): small tiles.
+# float32 products run on the FMA units (exact float32, as the reference): small tiles, 16 rows (32-row
+# tiles spilled under Triton 3.6 at rank 32 with split ranges, as the 64-column tile did at rank 64 with A A^T).
 ADAPTER_FP32_CONFIGS = [
-    _config(8, BLOCK_M=32, BLOCK_K=32, STAGES=3),
-    _config(8, BLOCK_M=16, BLOCK_K=64, STAGES=3),
+    _config(8, BLOCK_M=16, BLOCK_K=32, STAGES=3),
     _config(4, BLOCK_M=16, BLOCK_K=32, STAGES=4),
+    _config(8, BLOCK_M=16, BLOCK_K=64, STAGES=3),
 ]
 _ADAPTER_INTERPRETED = _config(4, BLOCK_M=16, BLOCK_K=64, STAGES=1)
 # Column splits of adapter_row_norm count row blocks of the tall tiles' height.
@@ -170,10 +171,13 @@ _GRAM_TARGET_PROGRAMS = 256
 def _adapter_prune(configs, named_args, **kwargs):
     """The configs for this launch's kind of product. Above BLOCK_R 64, or with the A A^T accumulator, the
     registers left hold at most 32 elements of the W0 tile per thread, and with A A^T only 64-row blocks or
-    taller (the tiles that stay spill-free on sm_90)."""
+    taller (the tiles that stay spill-free on sm_90). float32 products: the 32-column tiles only at rank 64 with
+    A A^T, the first tile above."""
     block_r, gram = kwargs["BLOCK_R"], kwargs.get("WITH_GRAM", False)
     if not kwargs["NATIVE_DOT"]:
-        return ADAPTER_FP32_CONFIGS if block_r <= 64 else ADAPTER_FP32_CONFIGS[:1]
+        if block_r > 64:
+            return ADAPTER_FP32_CONFIGS[:1]
+        return ADAPTER_FP32_CONFIGS if block_r < 64 or not gram else ADAPTER_FP32_CONFIGS[:2]
     if block_r <= 64 and not gram:
         return ADAPTER_CONFIGS
     return [c for c in ADAPTER_CONFIGS if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps
