@@ -190,6 +190,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         _choice("proj_type", group["proj_type"], PROJ_TYPES)
         _choice("refresh", group["refresh"], REFRESH_METHODS)
         _choice("state_bits", group["state_bits"], STATE_BITS)
+        if group["state_bits"] == 8:
+            ops.dynamic_map(True)  # needs bitsandbytes: say so now, not inside a first step (or its capture)
 
     def add_param_group(self, param_group: dict) -> None:
         # A GaLore-style group (one with "rank") is projected whether it comes through the constructor or here.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 
 import pytest
 import torch
@@ -202,6 +203,22 @@ def test_optimizer_bad_group_override(group_kwargs, pattern):
     ps = params()
     with pytest.raises(ValueError, match=pattern):
         GradNormLoRPAdamW([{"params": ps[:1], "rank": 4, **group_kwargs}, {"params": ps[1:]}])
+
+
+def test_optimizer_without_bitsandbytes_refuses_8bit_states_at_construction(monkeypatch):
+    from gradnormlorp_kernels.ops import quant8
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)  # the import fails as if not installed
+    quant8._dynamic_map_cpu.cache_clear()
+    quant8._dynamic_map_on.cache_clear()
+    try:
+        w = nn.Parameter(torch.randn(8, 8))
+        with pytest.raises(ImportError, match=r"need bitsandbytes .*state_bits=32"):
+            GradNormLoRPAdamW([w], state_bits=8)
+        assert GradNormLoRPAdamW([w], state_bits=32).state_dict()["state"] == {}
+    finally:
+        quant8._dynamic_map_cpu.cache_clear()
+        quant8._dynamic_map_on.cache_clear()
 
 
 @pytest.mark.parametrize("shape", [(12, 8), (8, 12)])
