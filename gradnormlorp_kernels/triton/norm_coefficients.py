@@ -13,7 +13,7 @@ import triton.language as tl
 from .._dispatch import triton_interpreted
 from ..ops.norm_coefficients import norm_coefficients as norm_coefficients_op
 from .rounding import _round_to, bitwise_bf16
-from .splits import split_range
+from .splits import TARGET_PROGRAMS, split_range
 
 # (BLOCK_T, BLOCK_N, warps, stages) of the column pass without adapter factors (norm_coefficients, full mode):
 # H200, g and y 8192 x 4096 bf16, kernel time from CUDA graphs: 44 us against 53 for (32, 128, 4, default).
@@ -124,10 +124,12 @@ class AdapterFactors:
         self.grad_B = self.B_scaled = self.B_c2 = None
 
 
-def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None, grad_magnitude_dtype=torch.float32):
+def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None, grad_magnitude_dtype=torch.float32,
+                config=None, programs=TARGET_PROGRAMS):
     """`(c1, c2, dM)` from one read of `grad_out` and `out`; c1, c2 in float32, dM in `grad_magnitude_dtype`.
     `lora` (an `AdapterFactors`), in adapter mode, receives dB and the backward's small factors. Inputs must
-    not be float64 (the callers route that to the reference)."""
+    not be float64 (the callers route that to the reference). `config` (BLOCK_T, BLOCK_N, warps, stages) and
+    `programs` (how many the row splits aim for) override the tile (bench/time_column_pass.py)."""
     rows, cols = grad_out.shape
     device = grad_out.device
     magnitude, norm = magnitude.contiguous(), norm.contiguous()
@@ -151,13 +153,15 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None, gr
         return row_scale, c2, grad_magnitude
     block_r = max(16, triton.next_power_of_2(rank))
     # Tiles whose (block_n, r) accumulator fits in registers without spilling (sm_90 resource report).
-    if has_xa:
+    if config is not None:
+        block_t, block_n, warps, stages = config
+    elif has_xa:
         # Stages None: the loop (with its dot) is pipelined by the compiler's default.
         block_t, block_n, warps, stages = (64, 64, 4, None) if block_r <= 32 else (32, 32, 4, None)
     else:
         block_t, block_n, warps, stages = PARTIALS_TILE
     col_blocks = triton.cdiv(cols, block_n)
-    splits, rows_per_split = split_range(rows, block_t, col_blocks)
+    splits, rows_per_split = split_range(rows, block_t, col_blocks, programs)
     partial = torch.empty(splits, cols, dtype=torch.float32, device=device)
     x_A = lora.x_A if has_xa else partial  # unused pointers without adapter factors
     partial_xa = torch.empty(splits, cols, rank, dtype=torch.float32, device=device) if has_xa else partial
