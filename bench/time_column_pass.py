@@ -39,7 +39,7 @@ def main() -> None:
     weight_A = torch.randn(dim, rank, device=device)
     lora_B = torch.randn(dim, rank, device=device, dtype=torch.bfloat16)
     floor = 2 * g.numel() * g.element_size()
-    candidates = [(None, 512)] + (list(itertools.product(TILES, PROGRAMS)) if args.configs else [])
+    candidates = [(None, None)] + (list(itertools.product(TILES, PROGRAMS)) if args.configs else [])
     for adapter in (True, False) if args.plain else (True,):
         for config, programs in candidates:
             def run():

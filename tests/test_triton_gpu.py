@@ -62,6 +62,7 @@ def _compile_cases(shared_bytes):
     lora = {"w_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16"}
     grads = {"g_ptr": "*bf16", "y_ptr": "*bf16", "bias_ptr": "*bf16", "xa_ptr": "*bf16"}
     plain_tile = norm_coefficients.PARTIALS_TILE  # (BLOCK_T, BLOCK_N, warps, stages)
+    adapter_tile = norm_coefficients.ADAPTER_PARTIALS_TILE
     back = {"LOW_RANK": True, "BITWISE_BF16": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32}
     finish_bf16 = {name: "*bf16" for name in ("magnitude_ptr", "b_ptr", "grad_magnitude_ptr", "grad_b_ptr",
                                                "b_scaled_ptr", "b_c2_ptr")}
@@ -75,9 +76,10 @@ def _compile_cases(shared_bytes):
         wide[rank] = ({**weight, "BLOCK_M": wide_m, "BLOCK_N": wide_n, "STAGES": wide_stages, "BLOCK_R": rank},
                       wide_warps)
     return _row_norm_compile_cases(row_norm, bf16_w, lora) + [
-        ("column_partials-r16", norm_coefficients._column_partials_kernel, grads,
-         {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_R": 16,
-          "STAGES": None}, 4, {}),
+        *[(f"column_partials-r{block_r}", norm_coefficients._column_partials_kernel, grads,
+           {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": adapter_tile[0],
+            "BLOCK_N": adapter_tile[1], "BLOCK_R": block_r, "STAGES": adapter_tile[3]}, adapter_tile[2], {})
+          for block_r in (16, 32)],
         ("column_partials-r128", norm_coefficients._column_partials_kernel, grads,
          {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 32, "BLOCK_N": 32, "BLOCK_R": 128,
           "STAGES": None}, 4, {}),
