@@ -138,6 +138,27 @@ def test_triton_backward_rebuilds_the_forward_weight_bit_for_bit(dtype, inp, out
     assert torch.equal(rebuilt, weight)
 
 
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-factors"])
+def test_triton_float32_products_take_the_dense_path_with_the_forward_bits(monkeypatch, factor_dtype):
+    # On a GPU, B A with float32 operands (float32 weights, or factors in another dtype than W0) is formed by
+    # torch (faster there than the FMA-unit kernel); forward and rebuild must still agree bit for bit.
+    if "triton" not in [p.values[0] for p in backend_params("adapter_weight")]:
+        pytest.skip("no triton backend here")
+    from gradnormlorp_kernels.triton import linear
+
+    monkeypatch.setattr(linear, "triton_interpreted", lambda: False)  # decide as on a GPU; no kernel runs
+    case = make_case(1, 70, 33, 5, torch.float32, False)
+    case["lora_A"], case["lora_B"] = case["lora_A"].to(factor_dtype), case["lora_B"].to(factor_dtype)
+    assert linear._products_on_fma_units(case["base_weight"], case["lora_A"], case["lora_B"])
+    weight, norm, weight_A = linear.adapter_weight(*weight_args(case))
+    for ours, theirs in zip((weight, norm, weight_A), ops.adapter_weight.reference(*weight_args(case))):
+        assert torch.equal(ours, theirs)
+    row_scale = case["magnitude"].to(torch.float32) / norm
+    rebuilt = linear.normalized_weight(case["base_weight"], case["lora_A"], case["lora_B"], row_scale,
+                                       case["scaling"], torch.float32)
+    assert torch.equal(rebuilt, weight)
+
+
 @pytest.mark.parametrize("backend", other_backend_params("adapter_weight"))
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_adapter_weight_matches_reference(backend, dtype):

@@ -108,7 +108,7 @@ def _compile_cases(shared_bytes):
         ("adapter_weight-r256", linear._normalized_weight_kernel,
          {**lora, "magnitude_ptr": "*bf16", "out_ptr": "*bf16"},
          {**wide[64][0], "WITH_NORM": True, "WITH_WEIGHT_A": False, "RANK_CHUNKS": 4}, wide[64][1], {}),
-        *_fma_weight_cases(linear, weight, shared_bytes),
+        *_float32_weight_cases(linear, weight, shared_bytes),
         ("full_weight", linear._normalized_weight_kernel, {"w_ptr": "*bf16", "out_ptr": "*bf16"},
          {**weight, "HAS_LORA": False, "NATIVE_DOT": False, "WITH_NORM": False, "WITH_WEIGHT_A": False, "BLOCK_R": 16},
          weight_warps, {}),
@@ -139,20 +139,14 @@ def _compile_cases(shared_bytes):
     ]
 
 
-def _fma_weight_cases(linear, lora_constexprs, shared_bytes):
-    """The float32 adapter weight pass (FMA products) at the tiles and stages its launcher picks with
-    `shared_bytes` a block, at rank chunks of 16 to 64 and up to four chunks (rank 256)."""
-    cases = []
-    for rank_block, chunks in ((16, 1), (32, 1), (64, 1), (64, 2), (64, 4)):
-        config = linear.WEIGHT_CONFIG if rank_block == 16 else linear.FMA_WIDE_RANK_WEIGHT_CONFIG
-        block_m, block_n, warps, stages = config
-        stages = linear.weight_pass_stages(block_m, block_n, rank_block, chunks, 4, stages, shared_bytes)
-        constexprs = {**lora_constexprs, "NATIVE_DOT": False, "WITH_NORM": True, "WITH_WEIGHT_A": chunks == 1,
-                      "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": rank_block, "RANK_CHUNKS": chunks,
-                      "STAGES": stages}
-        cases.append((f"adapter_weight-fp32-r{rank_block * chunks}", linear._normalized_weight_kernel, {},
-                      constexprs, warps, {}))
-    return cases
+def _float32_weight_cases(linear, weight_constexprs, shared_bytes):
+    """Full mode's weight pass diag(c) V on float32 weights, at the stages its launcher picks with `shared_bytes`
+    a block (float32 factors of an adapter take torch's dense path on a GPU)."""
+    block_m, block_n, warps, stages = linear.WEIGHT_CONFIG
+    stages = linear.weight_pass_stages(block_m, block_n, 16, 0, 4, stages, shared_bytes)
+    constexprs = {**weight_constexprs, "HAS_LORA": False, "NATIVE_DOT": False, "WITH_NORM": False,
+                  "WITH_WEIGHT_A": False, "BLOCK_R": 16, "STAGES": stages}
+    return [("full_weight-fp32", linear._normalized_weight_kernel, {}, constexprs, warps, {})]
 
 
 def _row_norm_compile_cases(row_norm, bf16_w, lora):

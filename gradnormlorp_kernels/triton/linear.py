@@ -149,19 +149,16 @@ def _matmul_f32_kernel(
 # At rank 64 the rank-32 tile, or four warps, spill on sm_90 (the forward's W' A^T prologue).
 WEIGHT_CONFIG = (16, 512, 4, 4)
 WIDE_RANK_WEIGHT_CONFIGS = {32: (32, 256, 4, 4), 64: (32, 128, 8, 4)}
-# Products on the FMA units (float32 operands) above 16 ranks: the tile that holds W' A^T and the chunks of B A
-# without spilling on sm_90 at rank chunks of 32 and 64, up to four chunks (Triton 3.6 and 3.9; 8 warps spilled
-# at four).
-FMA_WIDE_RANK_WEIGHT_CONFIG = (16, 128, 16, 4)
 # Shared memory of the float32 weight pass besides its pipeline buffers, at most (sm_90, Triton 3.6 and 3.9).
 _WEIGHT_PASS_SCRATCH_BYTES = 16384
 
 
 def weight_pass_stages(block_m, block_n, block_r, rank_chunks, element_size, stages, shared_bytes):
-    """The most pipeline stages, up to `stages`, of the weight pass with float32 (FMA-product) operands that
-    fit in `shared_bytes` a block. Each stage after the first buffers a W tile and the A and B chunks; at rank
-    70 (two chunks) the (32, 128, 8, 4) tile asked for 304 KB, past sm_90's 227. The bf16 products do not
-    stage through shared memory (17-33 KB at any depth), so they keep their tile's stages."""
+    """The most pipeline stages, up to `stages`, of a weight pass without tensor-core products (full mode's
+    diag(c) V, float32 factors) that fit in `shared_bytes` a block. Each stage after the first buffers a W tile
+    and the A and B chunks (float32 factors at rank 70, two chunks, asked for 304 KB, past sm_90's 227; full
+    mode's float32 tile takes 32 KB a stage). The bf16 products do not stage through shared memory (17-33 KB at
+    any depth), so they keep their tile's stages."""
     per_stage = (block_m * block_n + rank_chunks * block_r * (block_m + block_n)) * element_size
     return max(1, min(stages, 1 + (shared_bytes - _WEIGHT_PASS_SCRATCH_BYTES) // per_stage))
 
@@ -203,9 +200,7 @@ def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scal
         squares, partial_A, gram = adapter_row_norm_partials(weight, lora_A, lora_B, scaling, with_weight_A)
         gram = unused if gram is None else gram
         splits = squares.shape[0]
-    if config is None and rank_block > 16:
-        config = WIDE_RANK_WEIGHT_CONFIGS[rank_block] if native else FMA_WIDE_RANK_WEIGHT_CONFIG
-    block_m, block_n, warps, stages = config or WEIGHT_CONFIG
+    block_m, block_n, warps, stages = config or WIDE_RANK_WEIGHT_CONFIGS.get(rank_block, WEIGHT_CONFIG)
     chunks = triton.cdiv(max(rank, 1), rank_block)
     if triton_interpreted():
         stages = 1
@@ -229,8 +224,20 @@ def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scal
     return out, norm, weight_A
 
 
+def _products_on_fma_units(weight, lora_A, lora_B):
+    """Whether the kernels would form B A on the FMA units (float32 or mixed dtypes) on a GPU. There torch's
+    dense path (cuBLAS) is the faster at every rank (H200, 4096 x 4096 float32: 237-531 us against the kernel's
+    252-2362 at r = 16-256), so those calls take it. The interpreter keeps the kernel: it is how CI covers it."""
+    narrow = (torch.bfloat16, torch.float16)
+    return not triton_interpreted() and not (weight.dtype in narrow and lora_A.dtype == lora_B.dtype == weight.dtype)
+
+
 def normalized_weight(weight, lora_A, lora_B, row_scale, scaling, dtype):
     """diag(row_scale) (weight + s B A) in `dtype` (`lora_A` None: diag(row_scale) weight)."""
+    if lora_A is not None and _products_on_fma_units(weight, lora_A, lora_B):
+        # As the reference adapter_weight forms it, so the backward gets the forward's bits.
+        merged = weight.to(torch.float32) + scaling * (lora_B.to(torch.float32) @ lora_A.to(torch.float32))
+        return (merged * row_scale.to(torch.float32)[:, None]).to(dtype)
     return _normalized_weight_launch(weight, lora_A, lora_B, None, row_scale.contiguous(), scaling, dtype)[0]
 
 
@@ -239,8 +246,9 @@ def adapter_weight(base_weight, lora_A, lora_B, magnitude, scaling):
     sweep (adapter_row_norm's kernel: n's partial sums and W0 A^T, with W' A^T = W0 A^T + s B (A A^T) from the
     tiny A A^T, so the sweep forms one (rows, r) product, not two), then the weight pass writes W. One launch
     doing both held 208 registers a thread and ran at a third of the copy bandwidth (NOTES, thirteenth
-    session); a norm pass forming (W0 + s B A) A^T tile by tile was bound by its three products (fourteenth)."""
-    if base_weight.dtype == torch.float64:
+    session); a norm pass forming (W0 + s B A) A^T tile by tile was bound by its three products (fourteenth).
+    Products for the FMA units (float32) take the reference's dense path (`_products_on_fma_units`)."""
+    if base_weight.dtype == torch.float64 or _products_on_fma_units(base_weight, lora_A, lora_B):
         return adapter_weight_op.reference(base_weight, lora_A, lora_B, magnitude, scaling)
     return _normalized_weight_launch(base_weight, lora_A, lora_B, magnitude.contiguous(), None, scaling,
                                      base_weight.dtype)
