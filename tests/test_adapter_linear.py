@@ -146,10 +146,12 @@ def test_triton_float32_products_take_the_dense_path_with_the_forward_bits(monke
         pytest.skip("no triton backend here")
     from gradnormlorp_kernels.triton import linear
 
-    monkeypatch.setattr(linear, "triton_interpreted", lambda: False)  # decide as on a GPU; no kernel runs
+    from gradnormlorp_kernels.triton import row_norm
+
+    monkeypatch.setattr(row_norm, "triton_interpreted", lambda: False)  # decide as on a GPU; no kernel runs
     case = make_case(1, 70, 33, 5, torch.float32, False)
     case["lora_A"], case["lora_B"] = case["lora_A"].to(factor_dtype), case["lora_B"].to(factor_dtype)
-    assert linear._products_on_fma_units(case["base_weight"], case["lora_A"], case["lora_B"])
+    assert linear.products_on_fma_units(case["base_weight"], case["lora_A"], case["lora_B"])
     weight, norm, weight_A = linear.adapter_weight(*weight_args(case))
     for ours, theirs in zip((weight, norm, weight_A), ops.adapter_weight.reference(*weight_args(case))):
         assert torch.equal(ours, theirs)

@@ -174,14 +174,14 @@ def test_triton_row_norm_every_config(config, dtype):
 @pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)],
                          ids=["fp32", "bf16", "bf16-W0-fp32-AB"])
 @pytest.mark.parametrize(
-    "config", triton_configs(lambda m: m.ADAPTER_CONFIGS + m.ADAPTER_FP32_CONFIGS + [m._ADAPTER_INTERPRETED])
+    "config", triton_configs(lambda m: m.ADAPTER_CONFIGS + [m._ADAPTER_INTERPRETED])
 )
 def test_triton_adapter_row_norm_every_config(config, dtypes, r):
     if DEVICE == "cuda":
-        native = dtypes == (torch.bfloat16,) * 2
-        applicable = triton_row_norm.ADAPTER_CONFIGS if native else triton_row_norm.ADAPTER_FP32_CONFIGS
-        if all(config.kwargs != c.kwargs or config.num_warps != c.num_warps for c in applicable):
-            pytest.skip("autotune never offers this tile for these dtypes (it may not fit the GPU's shared memory)")
+        if dtypes != (torch.bfloat16,) * 2:
+            pytest.skip("float32 factors take the reference on a GPU (products_on_fma_units)")
+        if all(config.kwargs != c.kwargs or config.num_warps != c.num_warps for c in triton_row_norm.ADAPTER_CONFIGS):
+            pytest.skip("autotune never offers this tile (it may not fit the GPU's shared memory)")
     out, inp = 2 * config.kwargs["BLOCK_M"] + 3, 2 * config.kwargs["BLOCK_K"] + 5
     base = strided(out, inp, dtypes[0])
     lora_A = strided(r, inp, dtypes[1], inp**-0.5)

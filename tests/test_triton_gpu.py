@@ -150,21 +150,19 @@ def _float32_weight_cases(linear, weight_constexprs, shared_bytes):
 
 
 def _row_norm_compile_cases(row_norm, bf16_w, lora):
-    """Every config that autotune may pick for the row-norm kernels: row_norm's (bf16), adapter_row_norm's
-    for bf16 (tensor-core products) and float32 factors, at BLOCK_R 16 to 128."""
+    """Every config that autotune may pick for the row-norm kernels: row_norm's (bf16) and adapter_row_norm's
+    (bf16, tensor-core products; float32 factors take the reference on a GPU), at BLOCK_R 16 to 128."""
     cases = [(f"row_norm-{i}", row_norm._row_norm_kernel, bf16_w, config.kwargs, config.num_warps,
               {"num_stages": config.num_stages}) for i, config in enumerate(row_norm.ROW_NORM_CONFIGS)]
     # The adapter's forward sweeps with split ranges and A A^T, at ranks up to 64.
     variants = ((False, False), (True, False), (True, True))
     for block_r in (16, 32, 64, 128):
-        for native, pointer_types in ((True, lora), (False, {})):
-            for split, gram in variants if block_r <= 64 else variants[:2]:
-                meta = {"NATIVE_DOT": native, "BLOCK_R": block_r, "SPLIT": split, "WITH_GRAM": gram}
-                for i, config in enumerate(row_norm._adapter_prune(None, {}, **meta)):
-                    cases.append((f"adapter_row_norm-{'bf16' if native else 'fp32'}-r{block_r}-{i}"
-                                  f"{'-split' if split else ''}{'-gram' if gram else ''}",
-                                  row_norm._adapter_row_norm_kernel, pointer_types, {**config.kwargs, **meta},
-                                  config.num_warps, {"num_stages": config.num_stages}))
+        for split, gram in variants if block_r <= 64 else variants[:2]:
+            meta = {"NATIVE_DOT": True, "BLOCK_R": block_r, "SPLIT": split, "WITH_GRAM": gram}
+            for i, config in enumerate(row_norm._adapter_prune(None, {}, **meta)):
+                cases.append((f"adapter_row_norm-bf16-r{block_r}-{i}{'-split' if split else ''}"
+                              f"{'-gram' if gram else ''}", row_norm._adapter_row_norm_kernel, lora,
+                              {**config.kwargs, **meta}, config.num_warps, {"num_stages": config.num_stages}))
     for block_r in (16, 128):
         cases.append((f"adapter_row_norm_finish-r{block_r}", row_norm._adapter_row_norm_finish_kernel, {},
                       {"BLOCK_M": 32, "BLOCK_R": block_r}, 4, {}))

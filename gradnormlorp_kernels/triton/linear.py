@@ -20,7 +20,7 @@ from ..ops.adapter_linear import adapter_backward as adapter_backward_op, adapte
 from ..ops.full_linear import full_backward as full_backward_op, full_forward as full_forward_op
 from ..ops.projected_grad import projected_grad as projected_grad_op
 from .norm_coefficients import AdapterFactors, column_pass
-from .row_norm import adapter_row_norm_partials
+from .row_norm import adapter_row_norm_partials, products_on_fma_units
 from .rounding import _round_to, bitwise_bf16
 
 # B A is formed in unrolled chunks of up to this many ranks; ranks up to it also get W' A^T finished by the
@@ -224,17 +224,9 @@ def _normalized_weight_launch(weight, lora_A, lora_B, magnitude, row_scale, scal
     return out, norm, weight_A
 
 
-def _products_on_fma_units(weight, lora_A, lora_B):
-    """Whether the kernels would form B A on the FMA units (float32 or mixed dtypes) on a GPU. There torch's
-    dense path (cuBLAS) is the faster at every rank (H200, 4096 x 4096 float32: 237-531 us against the kernel's
-    252-2362 at r = 16-256), so those calls take it. The interpreter keeps the kernel: it is how CI covers it."""
-    narrow = (torch.bfloat16, torch.float16)
-    return not triton_interpreted() and not (weight.dtype in narrow and lora_A.dtype == lora_B.dtype == weight.dtype)
-
-
 def normalized_weight(weight, lora_A, lora_B, row_scale, scaling, dtype):
     """diag(row_scale) (weight + s B A) in `dtype` (`lora_A` None: diag(row_scale) weight)."""
-    if lora_A is not None and _products_on_fma_units(weight, lora_A, lora_B):
+    if lora_A is not None and products_on_fma_units(weight, lora_A, lora_B):
         # As the reference adapter_weight forms it, so the backward gets the forward's bits.
         merged = weight.to(torch.float32) + scaling * (lora_B.to(torch.float32) @ lora_A.to(torch.float32))
         return (merged * row_scale.to(torch.float32)[:, None]).to(dtype)
@@ -247,8 +239,8 @@ def adapter_weight(base_weight, lora_A, lora_B, magnitude, scaling):
     tiny A A^T, so the sweep forms one (rows, r) product, not two), then the weight pass writes W. One launch
     doing both held 208 registers a thread and ran at a third of the copy bandwidth (NOTES, thirteenth
     session); a norm pass forming (W0 + s B A) A^T tile by tile was bound by its three products (fourteenth).
-    Products for the FMA units (float32) take the reference's dense path (`_products_on_fma_units`)."""
-    if base_weight.dtype == torch.float64 or _products_on_fma_units(base_weight, lora_A, lora_B):
+    Products for the FMA units (float32) take the reference's dense path (`products_on_fma_units`)."""
+    if base_weight.dtype == torch.float64 or products_on_fma_units(base_weight, lora_A, lora_B):
         return adapter_weight_op.reference(base_weight, lora_A, lora_B, magnitude, scaling)
     return _normalized_weight_launch(base_weight, lora_A, lora_B, magnitude.contiguous(), None, scaling,
                                      base_weight.dtype)

@@ -155,13 +155,6 @@ ADAPTER_CONFIGS = [
     _config(8, BLOCK_M=128, BLOCK_K=128, STAGES=3),
     _config(4, BLOCK_M=32, BLOCK_K=128, STAGES=4),
 ]
-# float32 products run on the FMA units (exact float32, as the reference): small tiles, 16 rows (32-row
-# tiles spilled under Triton 3.6 at rank 32 with split ranges, as the 64-column tile did at rank 64 with A A^T).
-ADAPTER_FP32_CONFIGS = [
-    _config(8, BLOCK_M=16, BLOCK_K=32, STAGES=3),
-    _config(4, BLOCK_M=16, BLOCK_K=32, STAGES=4),
-    _config(8, BLOCK_M=16, BLOCK_K=64, STAGES=3),
-]
 _ADAPTER_INTERPRETED = _config(4, BLOCK_M=16, BLOCK_K=64, STAGES=1)
 # Column splits of adapter_row_norm count row blocks of the tall tiles' height.
 _TYPICAL_ROWS = 64
@@ -171,13 +164,9 @@ _GRAM_TARGET_PROGRAMS = 256
 def _adapter_prune(configs, named_args, **kwargs):
     """The configs for this launch's kind of product. Above BLOCK_R 64, or with the A A^T accumulator, the
     registers left hold at most 32 elements of the W0 tile per thread, and with A A^T only 64-row blocks or
-    taller (the tiles that stay spill-free on sm_90). float32 products: the 32-column tiles only at rank 64 with
-    A A^T, the first tile above."""
+    taller (the tiles that stay spill-free on sm_90). Products on tensor cores only: float32 factors take the
+    reference on a GPU (`products_on_fma_units`)."""
     block_r, gram = kwargs["BLOCK_R"], kwargs.get("WITH_GRAM", False)
-    if not kwargs["NATIVE_DOT"]:
-        if block_r > 64:
-            return ADAPTER_FP32_CONFIGS[:1]
-        return ADAPTER_FP32_CONFIGS if block_r < 64 or not gram else ADAPTER_FP32_CONFIGS[:2]
     if block_r <= 64 and not gram:
         return ADAPTER_CONFIGS
     return [c for c in ADAPTER_CONFIGS if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps
@@ -188,7 +177,7 @@ def _adapter_prune(configs, named_args, **kwargs):
 # run and its resumption sum in the same order.
 _row_norm_tuned = triton.autotune(ROW_NORM_CONFIGS, key=["rows", "cols"], cache_results=True)(_row_norm_kernel)
 _adapter_row_norm_tuned = triton.autotune(
-    ADAPTER_CONFIGS + ADAPTER_FP32_CONFIGS, key=["rows", "cols", "rank", "cols_per_split", "WITH_GRAM"],
+    ADAPTER_CONFIGS, key=["rows", "cols", "rank", "cols_per_split", "WITH_GRAM"],
     prune_configs_by={"early_config_prune": _adapter_prune}, cache_results=True,
 )(_adapter_row_norm_kernel)
 
@@ -290,9 +279,20 @@ def row_norm(weight: torch.Tensor) -> torch.Tensor:
     return norm
 
 
+def products_on_fma_units(weight, lora_A, lora_B):
+    """Whether the kernels would form products with the factors on the FMA units (float32 or mixed dtypes) on a
+    GPU. There torch's dense path (cuBLAS) is the faster (H200: the adapter weight at 4096 x 4096 float32 237-531
+    us against the kernel's 252-2362 at r = 16-256; adapter_row_norm of a bf16 11008 x 4096 with float32 factors,
+    r=16, 448 against 536), so those calls take it. The interpreter keeps the kernels: it is how CI covers them."""
+    narrow = (torch.bfloat16, torch.float16)
+    return not triton_interpreted() and not (weight.dtype in narrow and lora_A.dtype == lora_B.dtype == weight.dtype)
+
+
 def adapter_row_norm(base_weight, lora_A, lora_B, scaling):
-    """`(n, W0 A^T)` as the reference, W0 read once; float64 takes the reference path."""
-    if torch.float64 in (base_weight.dtype, lora_A.dtype, lora_B.dtype):
+    """`(n, W0 A^T)` as the reference, W0 read once; float64, and float32 products on a GPU
+    (`products_on_fma_units`), take the reference path."""
+    if torch.float64 in (base_weight.dtype, lora_A.dtype, lora_B.dtype) or \
+            products_on_fma_units(base_weight, lora_A, lora_B):
         return adapter_row_norm_op.reference(base_weight, lora_A, lora_B, scaling)
     base_weight, lora_A, lora_B = (t if t.stride(1) == 1 else t.contiguous() for t in (base_weight, lora_A, lora_B))
     rows = base_weight.shape[0]
