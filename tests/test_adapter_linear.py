@@ -123,7 +123,8 @@ def test_adapter_weight_at_init_is_the_base_weight(backend):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("inp,out,r", [(257, 40, 16), (130, 33, 70), pytest.param(4096, 4096, 16, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("inp,out,r", [(257, 40, 16), (130, 33, 70),
+                                       pytest.param(4096, 4096, 16, marks=pytest.mark.gpu)])
 def test_triton_backward_rebuilds_the_forward_weight_bit_for_bit(dtype, inp, out, r):
     # dx = g W uses a rebuilt W (from W0 and c1 = M / n, correctly rounded); it must be the forward's W.
     if "triton" not in [p.values[0] for p in backend_params("adapter_weight")]:
