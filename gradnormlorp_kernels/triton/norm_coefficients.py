@@ -15,14 +15,13 @@ from ..ops.norm_coefficients import norm_coefficients as norm_coefficients_op
 from .rounding import _round_to, bitwise_bf16
 from .splits import TARGET_PROGRAMS, split_range
 
-# (BLOCK_T, BLOCK_N, warps, stages) of the column pass without adapter factors (norm_coefficients, full mode):
-# H200, g and y 8192 x 4096 bf16, kernel time from CUDA graphs: 44 us against 53 for (32, 128, 4, default).
-PARTIALS_TILE = (64, 64, 4, 4)
-# With the adapter factors up to rank 32, and the programs the row splits aim for: bench/time_column_pass.py
-# (H200, 8192 x 4096 bf16, r=16, both kernels): 37.8 us = 84% of copy, against 55.1 for (64, 64, 4, default)
-# at 512 programs; 256 programs were the faster for every tile near the top.
-ADAPTER_PARTIALS_TILE = (32, 64, 4, 4)
-ADAPTER_PARTIALS_PROGRAMS = 256
+# (BLOCK_T, BLOCK_N, warps, stages) of the column pass and the programs its row splits aim for, with the adapter
+# factors up to rank 32 and without them (norm_coefficients, full mode). bench/time_column_pass.py --configs
+# --plain (H200, 8192 x 4096 bf16, both kernels): with factors (r=16) 37.8 us = 84% of copy, against 55.1 for
+# (64, 64, 4, default) at 512 programs; without, 34.7 us against 37.1 for (64, 64, 4, 4) at 512. 256 programs
+# were the faster for every tile near the top (fewer row splits: smaller partials for the finishing kernel).
+PARTIALS_TILE = ADAPTER_PARTIALS_TILE = (32, 64, 4, 4)
+PARTIALS_PROGRAMS = 256
 
 
 @triton.jit
@@ -159,11 +158,11 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None, gr
     block_r = max(16, triton.next_power_of_2(rank))
     # Tiles whose (block_n, r) accumulator fits in registers without spilling (sm_90 resource report).
     if has_xa and block_r <= 32:
-        default_tile, default_programs = ADAPTER_PARTIALS_TILE, ADAPTER_PARTIALS_PROGRAMS
+        default_tile, default_programs = ADAPTER_PARTIALS_TILE, PARTIALS_PROGRAMS
     elif has_xa:  # stages None: the compiler's default pipelining of the loop (with its dot)
         default_tile, default_programs = (32, 32, 4, None), TARGET_PROGRAMS
     else:
-        default_tile, default_programs = PARTIALS_TILE, TARGET_PROGRAMS
+        default_tile, default_programs = PARTIALS_TILE, PARTIALS_PROGRAMS
     block_t, block_n, warps, stages = config or default_tile
     programs = programs or default_programs
     col_blocks = triton.cdiv(cols, block_n)
