@@ -2,7 +2,8 @@
 
 `test_kernels_compile_for_nvidia` runs anywhere (no GPU): it compiles each kernel, at the launchers'
 tile sizes, for sm_90 and sm_89 and checks the compiler's resource report for register spills (sm_90) and
-the shared memory it needs (both). Each other test compares the Triton op with the reference op run in the
+the shared memory it needs (both). `python tests/test_triton_gpu.py --sass DIR [ARCH]` (TRITON_INTERPRET=0)
+also prints each kernel's SASS instruction mix, registers, shared-memory traffic and layout conversions. Each other test compares the Triton op with the reference op run in the
 same low precision on the GPU (the PyTorch baseline) and with a float64 truth: Triton may be at most
 `FACTOR` times further from the truth than the baseline. Run on the device machine:
 `python -m pytest -m gpu tests/test_triton_gpu.py`.
@@ -12,6 +13,7 @@ achieved bandwidth of the memory-bound ones against the measured device-to-devic
 
 from __future__ import annotations
 
+import collections
 import inspect
 import os
 import re
@@ -186,9 +188,23 @@ def _nvidia_toolchain():
     return (triton, GPUTarget, cuobjdump) if cuobjdump.exists() else None
 
 
-def compile_kernels(directory: Path, arch: int = 90) -> list[str]:
+def _instruction_summary(cuobjdump: Path, binary: Path, usage: str, ttgir: str) -> str:
+    """A compiled kernel's static SASS instructions by opcode, its registers, its shared-memory traffic and the
+    layout conversions in its TTGIR: where a kernel bound by its instructions spends them (the 8-bit kernels)."""
+    sass = subprocess.run([str(cuobjdump), "-sass", str(binary)], capture_output=True, text=True, check=True).stdout
+    opcodes = collections.Counter(
+        op.split(".")[0] for op in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+    registers = max((int(v) for v in re.findall(r"REG:(\d+)", usage)), default=0)
+    top = ", ".join(f"{op} {count}" for op, count in opcodes.most_common(8))
+    return (f"{sum(opcodes.values())} instructions, {registers} registers ({top}); shared memory STS "
+            f"{opcodes['STS']} LDS {opcodes['LDS']} BAR {opcodes['BAR']}; "
+            f"{ttgir.count('ttg.convert_layout')} layout conversions")
+
+
+def compile_kernels(directory: Path, arch: int = 90, summaries: dict[str, str] | None = None) -> list[str]:
     """Compile every kernel case for sm_`arch`; one problem string per kernel that fails, needs more shared
-    memory than a block has there or, on sm_90 (where the tiles are tuned), spills registers.
+    memory than a block has there or, on sm_90 (where the tiles are tuned), spills registers. `summaries`, if
+    given, receives each kernel's `_instruction_summary`.
     Needs kernels defined without TRITON_INTERPRET (the interpreter's kernels cannot be compiled)."""
     toolchain = _nvidia_toolchain()
     if toolchain is None:
@@ -232,6 +248,8 @@ def compile_kernels(directory: Path, arch: int = 90) -> list[str]:
         if compiled.metadata.shared > shared_bytes:
             problems.append(f"{name}: needs {compiled.metadata.shared} bytes of shared memory, sm_{arch} has "
                             f"{shared_bytes}")
+        if summaries is not None:
+            summaries[name] = _instruction_summary(cuobjdump, binary, usage.stdout, compiled.asm["ttgir"])
     return problems
 
 
@@ -550,9 +568,13 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--compile"]:
+    # --compile DIR [ARCH]: the compile check; --sass DIR [ARCH]: each kernel's instruction summary too.
+    if sys.argv[1:2] in (["--compile"], ["--sass"]):
         arch = int(sys.argv[3]) if len(sys.argv) > 3 else 90
-        found = compile_kernels(Path(sys.argv[2]), arch)
+        summaries = {} if sys.argv[1] == "--sass" else None
+        found = compile_kernels(Path(sys.argv[2]), arch, summaries)
+        for name, summary in (summaries or {}).items():
+            print(f"{name}: {summary}")
         print("\n".join(found) or f"every kernel compiles for sm_{arch}, within its shared memory")
         sys.exit(1 if found else 0)
     sys.exit(main())
