@@ -3,9 +3,10 @@
 `test_kernels_compile_for_nvidia` runs anywhere (no GPU): it compiles each kernel, at the launchers'
 tile sizes, for sm_90 and sm_89 and checks the compiler's resource report for register spills (sm_90) and
 the shared memory it needs (both). `python tests/test_triton_gpu.py --sass DIR [ARCH]` (TRITON_INTERPRET=0)
-also prints each kernel's SASS instruction mix, registers, shared-memory traffic and layout conversions. Each other test compares the Triton op with the reference op run in the
-same low precision on the GPU (the PyTorch baseline) and with a float64 truth: Triton may be at most
-`FACTOR` times further from the truth than the baseline. Run on the device machine:
+also prints each kernel's SASS instruction mix, registers, shared-memory traffic and layout conversions.
+Each other test compares the Triton op with the reference op run in the same low precision on the GPU (the
+PyTorch baseline) and with a float64 truth: Triton may be at most `FACTOR` times further from the truth than
+the baseline. Run on the device machine:
 `python -m pytest -m gpu tests/test_triton_gpu.py`.
 `python tests/test_triton_gpu.py` prints median timings of every Triton op against its reference, and the
 achieved bandwidth of the memory-bound ones against the measured device-to-device copy bandwidth.
@@ -63,8 +64,7 @@ def _compile_cases(shared_bytes):
     bf16_w = {"w_ptr": "*bf16"}
     lora = {"w_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16"}
     grads = {"g_ptr": "*bf16", "y_ptr": "*bf16", "bias_ptr": "*bf16", "xa_ptr": "*bf16"}
-    plain_tile = norm_coefficients.PARTIALS_TILE  # (BLOCK_T, BLOCK_N, warps, stages)
-    adapter_tile = norm_coefficients.ADAPTER_PARTIALS_TILE
+    tile = norm_coefficients.PARTIALS_TILE  # (BLOCK_T, BLOCK_N, warps, stages), with and without factors
     back = {"LOW_RANK": True, "BITWISE_BF16": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32}
     finish_bf16 = {name: "*bf16" for name in ("magnitude_ptr", "b_ptr", "grad_magnitude_ptr", "grad_b_ptr",
                                                "b_scaled_ptr", "b_c2_ptr")}
@@ -79,15 +79,15 @@ def _compile_cases(shared_bytes):
                       wide_warps)
     return _row_norm_compile_cases(row_norm, bf16_w, lora) + [
         *[(f"column_partials-r{block_r}", norm_coefficients._column_partials_kernel, grads,
-           {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": adapter_tile[0],
-            "BLOCK_N": adapter_tile[1], "BLOCK_R": block_r, "STAGES": adapter_tile[3]}, adapter_tile[2], {})
+           {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": tile[0],
+            "BLOCK_N": tile[1], "BLOCK_R": block_r, "STAGES": tile[3]}, tile[2], {})
           for block_r in (16, 32)],
         ("column_partials-r128", norm_coefficients._column_partials_kernel, grads,
          {"HAS_BIAS": True, "HAS_XA": True, "NATIVE_DOT": True, "BLOCK_T": 32, "BLOCK_N": 32, "BLOCK_R": 128,
           "STAGES": None}, 4, {}),
         ("column_partials-plain", norm_coefficients._column_partials_kernel, grads,
-         {"HAS_BIAS": False, "HAS_XA": False, "NATIVE_DOT": False, "BLOCK_T": plain_tile[0], "BLOCK_N": plain_tile[1],
-          "BLOCK_R": 16, "STAGES": plain_tile[3]}, plain_tile[2], {}),
+         {"HAS_BIAS": False, "HAS_XA": False, "NATIVE_DOT": False, "BLOCK_T": tile[0], "BLOCK_N": tile[1],
+          "BLOCK_R": 16, "STAGES": tile[3]}, tile[2], {}),
         ("finish_coefficients-r128", norm_coefficients._finish_coefficients_kernel, finish_bf16,
          {**finish, "BLOCK_N": 16, "BLOCK_R": 128}, 4, {}),
         ("finish_coefficients-r16", norm_coefficients._finish_coefficients_kernel, finish_bf16,

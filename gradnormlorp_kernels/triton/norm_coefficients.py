@@ -20,7 +20,7 @@ from .splits import TARGET_PROGRAMS, split_range
 # --plain (H200, 8192 x 4096 bf16, both kernels): with factors (r=16) 37.8 us = 84% of copy, against 55.1 for
 # (64, 64, 4, default) at 512 programs; without, 34.7 us against 37.1 for (64, 64, 4, 4) at 512. 256 programs
 # were the faster for every tile near the top (fewer row splits: smaller partials for the finishing kernel).
-PARTIALS_TILE = ADAPTER_PARTIALS_TILE = (32, 64, 4, 4)
+PARTIALS_TILE = (32, 64, 4, 4)
 PARTIALS_PROGRAMS = 256
 
 
@@ -157,9 +157,7 @@ def column_pass(grad_out, out, bias, magnitude, norm, detach_norm, lora=None, gr
         return row_scale, c2, grad_magnitude
     block_r = max(16, triton.next_power_of_2(rank))
     # Tiles whose (block_n, r) accumulator fits in registers without spilling (sm_90 resource report).
-    if has_xa and block_r <= 32:
-        default_tile, default_programs = ADAPTER_PARTIALS_TILE, PARTIALS_PROGRAMS
-    elif has_xa:  # stages None: the compiler's default pipelining of the loop (with its dot)
+    if has_xa and block_r > 32:  # stages None: the compiler's default pipelining of the loop (with its dot)
         default_tile, default_programs = (32, 32, 4, None), TARGET_PROGRAMS
     else:
         default_tile, default_programs = PARTIALS_TILE, PARTIALS_PROGRAMS
