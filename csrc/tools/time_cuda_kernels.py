@@ -23,8 +23,9 @@ def nbytes(*tensors) -> int:
 
 def cases(device):
     w = torch.randn(OUT, HIDDEN, device=device, dtype=torch.bfloat16)
-    a = torch.randn(ADAPTER_RANK, HIDDEN, device=device) * 0.02
-    b = torch.randn(OUT, ADAPTER_RANK, device=device) * 0.01
+    # Factors in W0's dtype, as the layer stores them: other dtypes take torch's dense path.
+    a = (torch.randn(ADAPTER_RANK, HIDDEN, device=device) * 0.02).to(w.dtype)
+    b = (torch.randn(OUT, ADAPTER_RANK, device=device) * 0.01).to(w.dtype)
     norm = torch.empty(OUT, device=device)
     yield "row_norm bf16", lambda: ops.row_norm(w), nbytes(w, norm)
     base_A = torch.empty(OUT, ADAPTER_RANK, device=device)
