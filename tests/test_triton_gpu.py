@@ -59,9 +59,14 @@ def _compile_cases(shared_bytes):
     """(id, kernel, pointer dtypes other than float32, constexprs, num_warps, options): each kernel at the
     tile sizes its launcher picks for bf16 (and float32 where a launcher picks differently), rank 16/128, on a
     GPU with `shared_bytes` of shared memory a block."""
-    from gradnormlorp_kernels.triton import adam_update, linear, norm_coefficients, project_back, quant8, row_norm
+    from gradnormlorp_kernels.triton import (adam_update, linear, norm_coefficients, project_back, quant8, row_norm,
+                                             segmented_adam_update)
 
     bf16_w = {"w_ptr": "*bf16"}
+    quantized_states = {"m_ptr": "*u8", "v_ptr": "*u8", "table_m_ptr": "*u8", "table_v_ptr": "*u8"}
+    segments = {"grad_ptr": "*bf16", "out_ptr": "*bf16", "flags_ptr": "*i32", "starts_ptr": "*i64",
+                "numels_ptr": "*i64"}
+    segmented = {"LERP_FROM_END": False, "BITWISE_BF16": False, "SEARCH_STEPS": 5, "BLOCK": 256}
     lora = {"w_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16"}
     grads = {"g_ptr": "*bf16", "y_ptr": "*bf16", "bias_ptr": "*bf16", "xa_ptr": "*bf16"}
     tile = norm_coefficients.PARTIALS_TILE  # (BLOCK_T, BLOCK_N, warps, stages), with and without factors
@@ -120,13 +125,21 @@ def _compile_cases(shared_bytes):
          {"NATIVE_DOT": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, {}),
         ("finite_check", adam_update._finite_check_kernel, {}, {"BLOCK": 4096}, 8, {}),
         ("adam_update-8bit", adam_update._adam_update_kernel,
-         {"m_ptr": "*u8", "v_ptr": "*u8", "table_m_ptr": "*u8", "table_v_ptr": "*u8", "flags_ptr": "*i32"},
+         {**quantized_states, "flags_ptr": "*i32"},
          {"LERP_FROM_END": False, "QUANTIZED": True, "CANDIDATES_M": 1, "CANDIDATES_V": 1,
           "BLOCKS": adam_update._QUANTIZED_BLOCKS, "BLOCK": 256}, adam_update._QUANTIZED_WARPS,
          {"enable_fp_fusion": False}),
         ("adam_update-fp32", adam_update._adam_update_kernel, {"flags_ptr": "*i32"},
          {"LERP_FROM_END": False, "QUANTIZED": False, "CANDIDATES_M": 0, "CANDIDATES_V": 0,
           "BLOCKS": adam_update._PLAIN_BLOCKS, "BLOCK": 256}, adam_update._PLAIN_WARPS, {"enable_fp_fusion": False}),
+        ("segmented_adam-8bit", segmented_adam_update._segmented_adam_kernel, {**segments, **quantized_states},
+         {**segmented, "QUANTIZED": True, "CANDIDATES_M": 1, "CANDIDATES_V": 1,
+          "BLOCKS": segmented_adam_update._QUANTIZED_BLOCKS}, segmented_adam_update._QUANTIZED_WARPS,
+         {"enable_fp_fusion": False, "maxnreg": segmented_adam_update._QUANTIZED_MAX_REGISTERS}),
+        ("segmented_adam-fp32", segmented_adam_update._segmented_adam_kernel, segments,
+         {**segmented, "QUANTIZED": False, "CANDIDATES_M": 0, "CANDIDATES_V": 0,
+          "BLOCKS": segmented_adam_update._PLAIN_BLOCKS}, segmented_adam_update._PLAIN_WARPS,
+         {"enable_fp_fusion": False}),
         ("quantize", quant8._quantize_blockwise_kernel, {"codes_ptr": "*u8", "table_ptr": "*u8"},
          {"CANDIDATES": 1, "BLOCKS": quant8._BLOCKS_PER_PROGRAM, "BLOCK": 256}, quant8._NUM_WARPS, {}),
         ("dequantize", quant8._dequantize_blockwise_kernel, {"codes_ptr": "*u8"},
@@ -172,7 +185,7 @@ def _row_norm_compile_cases(row_norm, bf16_w, lora):
 
 
 _INTEGER_ARGS = ("rows", "cols", "rank", "numel", "splits", "rows_per_split", "cols_per_split", "M", "N", "K",
-                 "base", "half", "base_m", "half_m", "base_v", "half_v")
+                 "base", "half", "base_m", "half_m", "base_v", "half_v", "segments", "flat_blocks")
 
 
 def _nvidia_toolchain():

@@ -93,10 +93,10 @@ def _adam_update_kernel(
     tl.store(direction_ptr + offsets, tl.where(finite, direction, 0.0), mask=mask)
     write = mask & finite
     if QUANTIZED:
-        m_codes_new, m_absmax = _quantize_block(m_new, mask, table_m_ptr, midpoints_m_ptr, base_m, half_m,
-                                                CANDIDATES_M)
-        v_codes_new, v_absmax = _quantize_block(v_new, mask, table_v_ptr, midpoints_v_ptr, base_v, half_v,
-                                                CANDIDATES_V)
+        m_codes_new, m_absmax = _quantize_block(tl.where(mask, m_new, 0.0), table_m_ptr, midpoints_m_ptr, base_m,
+                                                half_m, CANDIDATES_M)
+        v_codes_new, v_absmax = _quantize_block(tl.where(mask, v_new, 0.0), table_v_ptr, midpoints_v_ptr, base_v,
+                                                half_v, CANDIDATES_V)
         tl.store(m_ptr + offsets, m_codes_new.to(tl.uint8), mask=write)
         tl.store(v_ptr + offsets, v_codes_new.to(tl.uint8), mask=write)
         block_write = block_mask & ((tl.zeros([BLOCKS], dtype=tl.int32) + flag) == 0)

@@ -60,10 +60,9 @@ def _nearest_code(scaled, table_ptr, midpoints_ptr, base, half, CANDIDATES: tl.c
 
 
 @triton.jit
-def _quantize_block(values, mask, table_ptr, midpoints_ptr, base, half, CANDIDATES: tl.constexpr):
+def _quantize_block(values, table_ptr, midpoints_ptr, base, half, CANDIDATES: tl.constexpr):
     """Codes and absmax of a [blocks, 256] tile, exactly as the reference: scaled = clamp(x * (1 / absmax),
-    -1, 1) with absmax per row."""
-    values = tl.where(mask, values, 0.0)
+    -1, 1) with absmax per row. Elements past the end must hold 0 (they would count in the absmax)."""
     absmax = tl.max(tl.abs(values), axis=1)
     inverse = tl.where(absmax > 0, tl.div_rn(1.0, absmax), 0.0)  # correctly rounded, as torch's
     scaled = tl.minimum(tl.maximum(values * inverse[:, None], -1.0), 1.0)
@@ -75,13 +74,34 @@ def _quantize_blockwise_kernel(
     x_ptr, codes_ptr, absmax_ptr, table_ptr, midpoints_ptr, numel, base, half,
     CANDIDATES: tl.constexpr, BLOCKS: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # Bounds masks only on the last, partial tile: this kernel is bound by its instructions (H200, 4096 x 8192:
+    # 67.7 -> 65.5 us).
+    if (tl.program_id(0) + 1) * (BLOCKS * BLOCK) <= numel:
+        _quantize_tile(x_ptr, codes_ptr, absmax_ptr, table_ptr, midpoints_ptr, numel, base, half, CANDIDATES,
+                       BLOCKS, BLOCK, MASKED=False)
+    else:
+        _quantize_tile(x_ptr, codes_ptr, absmax_ptr, table_ptr, midpoints_ptr, numel, base, half, CANDIDATES,
+                       BLOCKS, BLOCK, MASKED=True)
+
+
+@triton.jit
+def _quantize_tile(
+    x_ptr, codes_ptr, absmax_ptr, table_ptr, midpoints_ptr, numel, base, half,
+    CANDIDATES: tl.constexpr, BLOCKS: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
+):
     blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     offsets = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    mask = offsets < numel
-    values = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    codes, absmax = _quantize_block(values, mask, table_ptr, midpoints_ptr, base, half, CANDIDATES)
+    if MASKED:
+        mask = offsets < numel
+        block_mask = blocks * BLOCK < numel
+        values = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    else:
+        mask = None
+        block_mask = None
+        values = tl.load(x_ptr + offsets).to(tl.float32)
+    codes, absmax = _quantize_block(values, table_ptr, midpoints_ptr, base, half, CANDIDATES)
     tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=mask)
-    tl.store(absmax_ptr + blocks, absmax, mask=blocks * BLOCK < numel)
+    tl.store(absmax_ptr + blocks, absmax, mask=block_mask)
 
 
 @triton.jit

@@ -23,8 +23,11 @@ _SEGMENT_CHUNK = 128  # segments the check's last program advances at a time
 # Quantisation blocks per program of the update and warps, 8-bit states, then float32: for 8-bit, one block on
 # one warp a program was fastest at LLaMA-1B's projected moments (bench/time_segmented_adam.py --configs, H200:
 # 130 us for 12.6M elements, 143 with two blocks on four warps, 226 with eight blocks): the kernel is bound by
-# its table lookups, and small programs keep more of them in flight.
-_QUANTIZED_BLOCKS, _QUANTIZED_WARPS = 1, 1
+# its table lookups, and small programs keep more of them in flight. The 8-bit update's registers are capped
+# at 64, so that the 32 one-warp programs a multiprocessor holds are all resident: the two paths (with and
+# without masks) take 80 otherwise. H200, rank 128 / 512: 123 / 438 us with masks everywhere, 109 / 383 with
+# the mask-free path, 100 / 348 with it under the cap (no spills on sm_90; bench/NOTES.md).
+_QUANTIZED_BLOCKS, _QUANTIZED_WARPS, _QUANTIZED_MAX_REGISTERS = 1, 1, 64
 _PLAIN_BLOCKS, _PLAIN_WARPS = 2, 4
 
 
@@ -79,40 +82,87 @@ def _segmented_adam_kernel(
     BITWISE_BF16: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCKS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """A [BLOCKS, BLOCK] tile per program, each row one quantisation block of whichever segment holds it;
-    the arithmetic of `_adam_update_kernel` row by row."""
+    the arithmetic of `_adam_update_kernel` row by row. A tile of whole blocks of finite segments (nearly
+    all of them) runs without masks: they were a tenth of the instructions of this instruction-bound kernel."""
     blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     position = blocks * BLOCK
     segment, start, end = _segments_of(position, starts_ptr, numels_ptr, segments, SEARCH_STEPS)
     block_mask = (blocks < flat_blocks) & (position >= start) & (position < end)
-    offsets = position[:, None] + tl.arange(0, BLOCK)[None, :]
-    mask = block_mask[:, None] & (offsets < end[:, None])
     finite_rows = tl.load(flags_ptr + segment) == 0
-    finite = finite_rows[:, None] & (tl.zeros([BLOCKS, BLOCK], dtype=tl.int32) == 0)
-    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    g = tl.where(finite, g, 0.0)
-    if QUANTIZED:
-        m_codes = tl.load(m_ptr + offsets, mask=mask, other=0).to(tl.int32)
-        v_codes = tl.load(v_ptr + offsets, mask=mask, other=0).to(tl.int32)
-        m = tl.load(code_m_ptr + m_codes) * tl.load(absmax_m_ptr + blocks, mask=block_mask, other=0.0)[:, None]
-        v = tl.load(code_v_ptr + v_codes) * tl.load(absmax_v_ptr + blocks, mask=block_mask, other=0.0)[:, None]
+    whole = tl.min((block_mask & finite_rows & (position + BLOCK <= end)).to(tl.int32), axis=0)
+    if whole != 0:
+        _segmented_adam_tile(
+            grad_ptr, m_ptr, v_ptr, absmax_m_ptr, absmax_v_ptr, code_m_ptr, code_v_ptr, table_m_ptr, table_v_ptr,
+            midpoints_m_ptr, midpoints_v_ptr, out_ptr, scale_ptr, power1_ptr, power2_ptr, blocks, segment, end,
+            block_mask, finite_rows, beta1_weight, beta2, beta2_complement, eps, base_m, half_m, base_v, half_v,
+            LERP_FROM_END, QUANTIZED, CANDIDATES_M, CANDIDATES_V, BITWISE_BF16, BLOCKS, BLOCK, MASKED=False,
+        )
     else:
-        m = tl.load(m_ptr + offsets, mask=mask, other=0.0)
-        v = tl.load(v_ptr + offsets, mask=mask, other=0.0)
+        _segmented_adam_tile(
+            grad_ptr, m_ptr, v_ptr, absmax_m_ptr, absmax_v_ptr, code_m_ptr, code_v_ptr, table_m_ptr, table_v_ptr,
+            midpoints_m_ptr, midpoints_v_ptr, out_ptr, scale_ptr, power1_ptr, power2_ptr, blocks, segment, end,
+            block_mask, finite_rows, beta1_weight, beta2, beta2_complement, eps, base_m, half_m, base_v, half_v,
+            LERP_FROM_END, QUANTIZED, CANDIDATES_M, CANDIDATES_V, BITWISE_BF16, BLOCKS, BLOCK, MASKED=True,
+        )
+
+
+@triton.jit
+def _segmented_adam_tile(
+    grad_ptr, m_ptr, v_ptr, absmax_m_ptr, absmax_v_ptr, code_m_ptr, code_v_ptr, table_m_ptr, table_v_ptr,
+    midpoints_m_ptr, midpoints_v_ptr, out_ptr, scale_ptr, power1_ptr, power2_ptr, blocks, segment, end, block_mask,
+    finite_rows, beta1_weight, beta2, beta2_complement, eps, base_m, half_m, base_v, half_v,
+    LERP_FROM_END: tl.constexpr, QUANTIZED: tl.constexpr, CANDIDATES_M: tl.constexpr, CANDIDATES_V: tl.constexpr,
+    BITWISE_BF16: tl.constexpr, BLOCKS: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
+):
+    """The update of one tile; without MASKED every row is a whole block of a finite segment."""
+    offsets = (blocks * BLOCK)[:, None] + tl.arange(0, BLOCK)[None, :]
+    if MASKED:
+        mask = block_mask[:, None] & (offsets < end[:, None])
+        finite = finite_rows[:, None] & (tl.zeros([BLOCKS, BLOCK], dtype=tl.int32) == 0)
+        write = mask & finite
+        block_write = block_mask & finite_rows
+        g = tl.where(finite, tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32), 0.0)
+    else:
+        mask = None
+        write = None
+        block_write = None
+        g = tl.load(grad_ptr + offsets).to(tl.float32)
+    if QUANTIZED:
+        if MASKED:
+            m_codes = tl.load(m_ptr + offsets, mask=mask, other=0).to(tl.int32)
+            v_codes = tl.load(v_ptr + offsets, mask=mask, other=0).to(tl.int32)
+            absmax_m = tl.load(absmax_m_ptr + blocks, mask=block_mask, other=0.0)
+            absmax_v = tl.load(absmax_v_ptr + blocks, mask=block_mask, other=0.0)
+        else:
+            m_codes = tl.load(m_ptr + offsets).to(tl.int32)
+            v_codes = tl.load(v_ptr + offsets).to(tl.int32)
+            absmax_m = tl.load(absmax_m_ptr + blocks)
+            absmax_v = tl.load(absmax_v_ptr + blocks)
+        m = tl.load(code_m_ptr + m_codes) * absmax_m[:, None]
+        v = tl.load(code_v_ptr + v_codes) * absmax_v[:, None]
+    else:
+        if MASKED:
+            m = tl.load(m_ptr + offsets, mask=mask, other=0.0)
+            v = tl.load(v_ptr + offsets, mask=mask, other=0.0)
+        else:
+            m = tl.load(m_ptr + offsets)
+            v = tl.load(v_ptr + offsets)
     m_new, v_new, direction = _adam_arithmetic(
         m, v, g, tl.load(power1_ptr + segment)[:, None], tl.load(power2_ptr + segment)[:, None], beta1_weight, beta2,
         beta2_complement, eps, LERP_FROM_END,
     )
-    scaled = tl.where(finite, direction, 0.0) * tl.load(scale_ptr)
-    tl.store(out_ptr + offsets, _round_to(scaled, out_ptr.dtype.element_ty, BITWISE_BF16), mask=mask)
-    write = mask & finite
+    if MASKED:
+        direction = tl.where(finite, direction, 0.0)
+    tl.store(out_ptr + offsets, _round_to(direction * tl.load(scale_ptr), out_ptr.dtype.element_ty, BITWISE_BF16),
+             mask=mask)
     if QUANTIZED:
-        m_codes_new, m_absmax = _quantize_block(m_new, mask, table_m_ptr, midpoints_m_ptr, base_m, half_m,
-                                                CANDIDATES_M)
-        v_codes_new, v_absmax = _quantize_block(v_new, mask, table_v_ptr, midpoints_v_ptr, base_v, half_v,
-                                                CANDIDATES_V)
+        if MASKED:
+            m_new = tl.where(mask, m_new, 0.0)
+            v_new = tl.where(mask, v_new, 0.0)
+        m_codes_new, m_absmax = _quantize_block(m_new, table_m_ptr, midpoints_m_ptr, base_m, half_m, CANDIDATES_M)
+        v_codes_new, v_absmax = _quantize_block(v_new, table_v_ptr, midpoints_v_ptr, base_v, half_v, CANDIDATES_V)
         tl.store(m_ptr + offsets, m_codes_new.to(tl.uint8), mask=write)
         tl.store(v_ptr + offsets, v_codes_new.to(tl.uint8), mask=write)
-        block_write = block_mask & finite_rows
         tl.store(absmax_m_ptr + blocks, m_absmax, mask=block_write)
         tl.store(absmax_v_ptr + blocks, v_absmax, mask=block_write)
     else:
@@ -154,11 +204,11 @@ def segmented_adam_update(grad, exp_avg, exp_avg_sq, absmax_avg, absmax_avg_sq, 
         code_m = code_signed.to(torch.float32).contiguous()
         code_v = code_unsigned.to(torch.float32).contiguous()
         absmax_m, absmax_v = absmax_avg, absmax_avg_sq
-        blocks, warps = _QUANTIZED_BLOCKS, _QUANTIZED_WARPS
+        blocks, warps, registers = _QUANTIZED_BLOCKS, _QUANTIZED_WARPS, _QUANTIZED_MAX_REGISTERS
     else:
         code_m = code_v = absmax_m = absmax_v = flags
         search_m = search_v = CodeSearch(flags, flags, 0, 1, 0)
-        blocks, warps = _PLAIN_BLOCKS, _PLAIN_WARPS
+        blocks, warps, registers = _PLAIN_BLOCKS, _PLAIN_WARPS, None
     # beta ** step as adam_update computes it (torch's powf), for every segment in one launch.
     power1 = torch.pow(beta1, step)
     power2 = torch.pow(beta2, step)
@@ -169,7 +219,7 @@ def segmented_adam_update(grad, exp_avg, exp_avg_sq, absmax_avg, absmax_avg_sq, 
         segments, flat_blocks, weight, beta2, 1.0 - beta2, eps, search_m.base, search_m.half, search_v.base,
         search_v.half, LERP_FROM_END=abs(weight) >= 0.5, QUANTIZED=quantized, CANDIDATES_M=search_m.candidates,
         CANDIDATES_V=search_v.candidates, BITWISE_BF16=bitwise_bf16(out_dtype),
-        SEARCH_STEPS=search_steps, BLOCKS=blocks, BLOCK=BLOCK_SIZE, num_warps=warps,
+        SEARCH_STEPS=search_steps, BLOCKS=blocks, BLOCK=BLOCK_SIZE, num_warps=warps, maxnreg=registers,
         enable_fp_fusion=False,  # torch rounds each product and sum of the update separately
     )
     return out
