@@ -124,14 +124,15 @@ def _compile_cases(shared_bytes):
         ("matmul_f32", linear._matmul_f32_kernel, {"a_ptr": "*bf16"},
          {"NATIVE_DOT": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, {}),
         ("finite_check", adam_update._finite_check_kernel, {}, {"BLOCK": 4096}, 8, {}),
-        ("adam_update-8bit", adam_update._adam_update_kernel,
-         {**quantized_states, "flags_ptr": "*i32"},
-         {"LERP_FROM_END": False, "QUANTIZED": True, "CANDIDATES_M": 1, "CANDIDATES_V": 1,
-          "BLOCKS": adam_update._QUANTIZED_BLOCKS, "BLOCK": 256}, adam_update._QUANTIZED_WARPS,
-         {"enable_fp_fusion": False}),
+        *[(f"adam_update-8bit{'-tail' if masked else ''}", adam_update._adam_update_kernel,
+           {**quantized_states, "flags_ptr": "*i32"},
+           {"LERP_FROM_END": False, "QUANTIZED": True, "CANDIDATES_M": 1, "CANDIDATES_V": 1,
+            "BLOCKS": adam_update._QUANTIZED_BLOCKS, "BLOCK": 256, "MASKED": masked}, adam_update._QUANTIZED_WARPS,
+           {"enable_fp_fusion": False}) for masked in (False, True)],
         ("adam_update-fp32", adam_update._adam_update_kernel, {"flags_ptr": "*i32"},
          {"LERP_FROM_END": False, "QUANTIZED": False, "CANDIDATES_M": 0, "CANDIDATES_V": 0,
-          "BLOCKS": adam_update._PLAIN_BLOCKS, "BLOCK": 256}, adam_update._PLAIN_WARPS, {"enable_fp_fusion": False}),
+          "BLOCKS": adam_update._PLAIN_BLOCKS, "BLOCK": 256, "MASKED": False}, adam_update._PLAIN_WARPS,
+         {"enable_fp_fusion": False}),
         ("segmented_adam-8bit", segmented_adam_update._segmented_adam_kernel, {**segments, **quantized_states},
          {**segmented, "QUANTIZED": True, "CANDIDATES_M": 1, "CANDIDATES_V": 1,
           "BLOCKS": segmented_adam_update._QUANTIZED_BLOCKS}, segmented_adam_update._QUANTIZED_WARPS,
@@ -185,7 +186,8 @@ def _row_norm_compile_cases(row_norm, bf16_w, lora):
 
 
 _INTEGER_ARGS = ("rows", "cols", "rank", "numel", "splits", "rows_per_split", "cols_per_split", "M", "N", "K",
-                 "base", "half", "base_m", "half_m", "base_v", "half_v", "segments", "flat_blocks")
+                 "base", "half", "base_m", "half_m", "base_v", "half_v", "segments", "flat_blocks",
+                 "first_program")
 
 
 def _nvidia_toolchain():

@@ -65,41 +65,63 @@ def _adam_arithmetic(m, v, g, power1, power2, beta1_weight, beta2, beta2_complem
 @triton.jit
 def _adam_update_kernel(
     grad_ptr, m_ptr, v_ptr, absmax_m_ptr, absmax_v_ptr, code_m_ptr, code_v_ptr, table_m_ptr, table_v_ptr,
-    midpoints_m_ptr, midpoints_v_ptr, direction_ptr, flags_ptr, power1_ptr, power2_ptr, numel,
+    midpoints_m_ptr, midpoints_v_ptr, direction_ptr, flags_ptr, power1_ptr, power2_ptr, numel, first_program,
     beta1_weight, beta2, beta2_complement, eps, base_m, half_m, base_v, half_v,
     LERP_FROM_END: tl.constexpr, QUANTIZED: tl.constexpr, CANDIDATES_M: tl.constexpr, CANDIDATES_V: tl.constexpr,
-    BLOCKS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCKS: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """A [BLOCKS, BLOCK] tile per program; with 8-bit states each row is one quantisation block."""
-    blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    """A [BLOCKS, BLOCK] tile per program, from tile `first_program` on; with 8-bit states each row is one
+    quantisation block. Without MASKED every tile lies inside the tensor: no bounds masks."""
+    blocks = (first_program + tl.program_id(0)) * BLOCKS + tl.arange(0, BLOCKS)
     offsets = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    mask = offsets < numel
     # Tile-shaped flags: the interpreter cannot broadcast a scalar mask.
     flag = tl.load(flags_ptr)
     finite = (tl.zeros([BLOCKS, BLOCK], dtype=tl.int32) + flag) == 0
-    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    finite_rows = (tl.zeros([BLOCKS], dtype=tl.int32) + flag) == 0
+    if MASKED:
+        mask = offsets < numel
+        block_mask = blocks * BLOCK < numel
+        write = mask & finite
+        block_write = block_mask & finite_rows
+        g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    else:
+        mask = None
+        block_mask = None
+        write = finite
+        block_write = finite_rows
+        g = tl.load(grad_ptr + offsets).to(tl.float32)
     g = tl.where(finite, g, 0.0)
     if QUANTIZED:
-        block_mask = blocks * BLOCK < numel
-        m_codes = tl.load(m_ptr + offsets, mask=mask, other=0).to(tl.int32)
-        v_codes = tl.load(v_ptr + offsets, mask=mask, other=0).to(tl.int32)
-        m = tl.load(code_m_ptr + m_codes) * tl.load(absmax_m_ptr + blocks, mask=block_mask, other=0.0)[:, None]
-        v = tl.load(code_v_ptr + v_codes) * tl.load(absmax_v_ptr + blocks, mask=block_mask, other=0.0)[:, None]
+        if MASKED:
+            m_codes = tl.load(m_ptr + offsets, mask=mask, other=0).to(tl.int32)
+            v_codes = tl.load(v_ptr + offsets, mask=mask, other=0).to(tl.int32)
+            absmax_m = tl.load(absmax_m_ptr + blocks, mask=block_mask, other=0.0)
+            absmax_v = tl.load(absmax_v_ptr + blocks, mask=block_mask, other=0.0)
+        else:
+            m_codes = tl.load(m_ptr + offsets).to(tl.int32)
+            v_codes = tl.load(v_ptr + offsets).to(tl.int32)
+            absmax_m = tl.load(absmax_m_ptr + blocks)
+            absmax_v = tl.load(absmax_v_ptr + blocks)
+        m = tl.load(code_m_ptr + m_codes) * absmax_m[:, None]
+        v = tl.load(code_v_ptr + v_codes) * absmax_v[:, None]
     else:
-        m = tl.load(m_ptr + offsets, mask=mask, other=0.0)
-        v = tl.load(v_ptr + offsets, mask=mask, other=0.0)
+        if MASKED:
+            m = tl.load(m_ptr + offsets, mask=mask, other=0.0)
+            v = tl.load(v_ptr + offsets, mask=mask, other=0.0)
+        else:
+            m = tl.load(m_ptr + offsets)
+            v = tl.load(v_ptr + offsets)
     m_new, v_new, direction = _adam_arithmetic(m, v, g, tl.load(power1_ptr), tl.load(power2_ptr), beta1_weight,
                                                beta2, beta2_complement, eps, LERP_FROM_END)
     tl.store(direction_ptr + offsets, tl.where(finite, direction, 0.0), mask=mask)
-    write = mask & finite
     if QUANTIZED:
-        m_codes_new, m_absmax = _quantize_block(tl.where(mask, m_new, 0.0), table_m_ptr, midpoints_m_ptr, base_m,
-                                                half_m, CANDIDATES_M)
-        v_codes_new, v_absmax = _quantize_block(tl.where(mask, v_new, 0.0), table_v_ptr, midpoints_v_ptr, base_v,
-                                                half_v, CANDIDATES_V)
+        if MASKED:
+            m_new = tl.where(mask, m_new, 0.0)
+            v_new = tl.where(mask, v_new, 0.0)
+        m_codes_new, m_absmax = _quantize_block(m_new, table_m_ptr, midpoints_m_ptr, base_m, half_m, CANDIDATES_M)
+        v_codes_new, v_absmax = _quantize_block(v_new, table_v_ptr, midpoints_v_ptr, base_v, half_v, CANDIDATES_V)
         tl.store(m_ptr + offsets, m_codes_new.to(tl.uint8), mask=write)
         tl.store(v_ptr + offsets, v_codes_new.to(tl.uint8), mask=write)
-        block_write = block_mask & ((tl.zeros([BLOCKS], dtype=tl.int32) + flag) == 0)
         tl.store(absmax_m_ptr + blocks, m_absmax, mask=block_write)
         tl.store(absmax_v_ptr + blocks, v_absmax, mask=block_write)
     else:
@@ -146,12 +168,18 @@ def adam_update(grad, exp_avg, exp_avg_sq, absmax_avg, absmax_avg_sq, code_signe
     weight = 1.0 - beta1
     while blocks > 1 and triton.cdiv(num_blocks(numel), blocks) < _TARGET_PROGRAMS:
         blocks //= 2
-    _adam_update_kernel[(triton.cdiv(num_blocks(numel), blocks),)](
-        flat_grad, exp_avg, exp_avg_sq, absmax_m, absmax_v, code_m, code_v, search_m.table, search_v.table,
-        search_m.midpoints, search_v.midpoints, direction, flags, power1, power2, numel,
-        weight, beta2, 1.0 - beta2, eps, search_m.base, search_m.half, search_v.base, search_v.half,
-        LERP_FROM_END=abs(weight) >= 0.5, QUANTIZED=quantized, CANDIDATES_M=search_m.candidates,
-        CANDIDATES_V=search_v.candidates, BLOCKS=blocks, BLOCK=BLOCK_SIZE, num_warps=warps,
-        enable_fp_fusion=False,  # torch rounds each product and sum of the update separately
-    )
+    # Whole tiles in one launch without bounds masks (a tenth of this instruction-bound kernel's instructions),
+    # the partial last tile, if any, in a second: a kernel holding both paths took 80 registers, this one 64.
+    tile = blocks * BLOCK_SIZE
+    whole = numel // tile
+    for first, programs, masked in ((0, whole, False), (whole, triton.cdiv(numel, tile) - whole, True)):
+        if programs:
+            _adam_update_kernel[(programs,)](
+                flat_grad, exp_avg, exp_avg_sq, absmax_m, absmax_v, code_m, code_v, search_m.table, search_v.table,
+                search_m.midpoints, search_v.midpoints, direction, flags, power1, power2, numel, first,
+                weight, beta2, 1.0 - beta2, eps, search_m.base, search_m.half, search_v.base, search_v.half,
+                LERP_FROM_END=abs(weight) >= 0.5, QUANTIZED=quantized, CANDIDATES_M=search_m.candidates,
+                CANDIDATES_V=search_v.candidates, BLOCKS=blocks, BLOCK=BLOCK_SIZE, MASKED=masked, num_warps=warps,
+                enable_fp_fusion=False,  # torch rounds each product and sum of the update separately
+            )
     return direction
