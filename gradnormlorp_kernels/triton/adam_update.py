@@ -63,6 +63,34 @@ def _adam_arithmetic(m, v, g, power1, power2, beta1_weight, beta2, beta2_complem
 
 
 @triton.jit
+def _load_moments(m_ptr, v_ptr, absmax_m_ptr, absmax_v_ptr, code_m_ptr, code_v_ptr, offsets, blocks, mask, block_mask,
+                  QUANTIZED: tl.constexpr, MASKED: tl.constexpr):
+    """Both moments of a [blocks, 256] tile in float32: 8-bit codes dequantised by their maps and row absmax, or
+    float32 states; bounds masks only with MASKED. Shared with the segmented kernel."""
+    if QUANTIZED:
+        if MASKED:
+            m_codes = tl.load(m_ptr + offsets, mask=mask, other=0).to(tl.int32)
+            v_codes = tl.load(v_ptr + offsets, mask=mask, other=0).to(tl.int32)
+            absmax_m = tl.load(absmax_m_ptr + blocks, mask=block_mask, other=0.0)
+            absmax_v = tl.load(absmax_v_ptr + blocks, mask=block_mask, other=0.0)
+        else:
+            m_codes = tl.load(m_ptr + offsets).to(tl.int32)
+            v_codes = tl.load(v_ptr + offsets).to(tl.int32)
+            absmax_m = tl.load(absmax_m_ptr + blocks)
+            absmax_v = tl.load(absmax_v_ptr + blocks)
+        m = tl.load(code_m_ptr + m_codes) * absmax_m[:, None]
+        v = tl.load(code_v_ptr + v_codes) * absmax_v[:, None]
+    else:
+        if MASKED:
+            m = tl.load(m_ptr + offsets, mask=mask, other=0.0)
+            v = tl.load(v_ptr + offsets, mask=mask, other=0.0)
+        else:
+            m = tl.load(m_ptr + offsets)
+            v = tl.load(v_ptr + offsets)
+    return m, v
+
+
+@triton.jit
 def _adam_update_kernel(
     grad_ptr, m_ptr, v_ptr, absmax_m_ptr, absmax_v_ptr, code_m_ptr, code_v_ptr, table_m_ptr, table_v_ptr,
     midpoints_m_ptr, midpoints_v_ptr, direction_ptr, flags_ptr, power1_ptr, power2_ptr, numel, first_program,
@@ -91,26 +119,8 @@ def _adam_update_kernel(
         block_write = finite_rows
         g = tl.load(grad_ptr + offsets).to(tl.float32)
     g = tl.where(finite, g, 0.0)
-    if QUANTIZED:
-        if MASKED:
-            m_codes = tl.load(m_ptr + offsets, mask=mask, other=0).to(tl.int32)
-            v_codes = tl.load(v_ptr + offsets, mask=mask, other=0).to(tl.int32)
-            absmax_m = tl.load(absmax_m_ptr + blocks, mask=block_mask, other=0.0)
-            absmax_v = tl.load(absmax_v_ptr + blocks, mask=block_mask, other=0.0)
-        else:
-            m_codes = tl.load(m_ptr + offsets).to(tl.int32)
-            v_codes = tl.load(v_ptr + offsets).to(tl.int32)
-            absmax_m = tl.load(absmax_m_ptr + blocks)
-            absmax_v = tl.load(absmax_v_ptr + blocks)
-        m = tl.load(code_m_ptr + m_codes) * absmax_m[:, None]
-        v = tl.load(code_v_ptr + v_codes) * absmax_v[:, None]
-    else:
-        if MASKED:
-            m = tl.load(m_ptr + offsets, mask=mask, other=0.0)
-            v = tl.load(v_ptr + offsets, mask=mask, other=0.0)
-        else:
-            m = tl.load(m_ptr + offsets)
-            v = tl.load(v_ptr + offsets)
+    m, v = _load_moments(m_ptr, v_ptr, absmax_m_ptr, absmax_v_ptr, code_m_ptr, code_v_ptr, offsets, blocks, mask,
+                         block_mask, QUANTIZED, MASKED)
     m_new, v_new, direction = _adam_arithmetic(m, v, g, tl.load(power1_ptr), tl.load(power2_ptr), beta1_weight,
                                                beta2, beta2_complement, eps, LERP_FROM_END)
     tl.store(direction_ptr + offsets, tl.where(finite, direction, 0.0), mask=mask)

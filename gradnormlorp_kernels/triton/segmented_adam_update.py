@@ -14,7 +14,7 @@ import triton.language as tl
 from ..ops.quant8 import BLOCK_SIZE, num_blocks
 from ..ops.segmented_adam_update import _check_args, check_segments
 from ..ops.segmented_adam_update import segmented_adam_update as segmented_adam_update_op
-from .adam_update import _adam_arithmetic
+from .adam_update import _adam_arithmetic, _load_moments
 from .quant8 import CodeSearch, _quantize_block, code_search
 from .rounding import _round_to, bitwise_bf16
 
@@ -127,26 +127,8 @@ def _segmented_adam_tile(
         write = None
         block_write = None
         g = tl.load(grad_ptr + offsets).to(tl.float32)
-    if QUANTIZED:
-        if MASKED:
-            m_codes = tl.load(m_ptr + offsets, mask=mask, other=0).to(tl.int32)
-            v_codes = tl.load(v_ptr + offsets, mask=mask, other=0).to(tl.int32)
-            absmax_m = tl.load(absmax_m_ptr + blocks, mask=block_mask, other=0.0)
-            absmax_v = tl.load(absmax_v_ptr + blocks, mask=block_mask, other=0.0)
-        else:
-            m_codes = tl.load(m_ptr + offsets).to(tl.int32)
-            v_codes = tl.load(v_ptr + offsets).to(tl.int32)
-            absmax_m = tl.load(absmax_m_ptr + blocks)
-            absmax_v = tl.load(absmax_v_ptr + blocks)
-        m = tl.load(code_m_ptr + m_codes) * absmax_m[:, None]
-        v = tl.load(code_v_ptr + v_codes) * absmax_v[:, None]
-    else:
-        if MASKED:
-            m = tl.load(m_ptr + offsets, mask=mask, other=0.0)
-            v = tl.load(v_ptr + offsets, mask=mask, other=0.0)
-        else:
-            m = tl.load(m_ptr + offsets)
-            v = tl.load(v_ptr + offsets)
+    m, v = _load_moments(m_ptr, v_ptr, absmax_m_ptr, absmax_v_ptr, code_m_ptr, code_v_ptr, offsets, blocks, mask,
+                         block_mask, QUANTIZED, MASKED)
     m_new, v_new, direction = _adam_arithmetic(
         m, v, g, tl.load(power1_ptr + segment)[:, None], tl.load(power2_ptr + segment)[:, None], beta1_weight, beta2,
         beta2_complement, eps, LERP_FROM_END,
