@@ -53,6 +53,7 @@ def sample_args() -> dict[str, list[list]]:
     code = ops.dynamic_map(True, DEVICE)
     return {
         "row_norm": [[base]],
+        "aligned_rows": [[rand(OUT, IN)], [rand(OUT, IN).bfloat16()], [rand(IN, OUT).T]],
         "adapter_row_norm": [[base, lora_A, lora_B, 2.0]],
         "adapter_weight": [[base, lora_A, lora_B, magnitude, 2.0]],
         "adapter_backward": [

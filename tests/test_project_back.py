@@ -319,6 +319,22 @@ def test_one_sided_narrow_with_and_without_norms(backend, side, direction_gated)
     assert_close_scaled(norms, torch.linalg.vector_norm(weight.to(torch.float64), dim=1), 1e-6, "norms")
 
 
+@pytest.mark.parametrize("backend", backend_params("project_back_update"))
+@pytest.mark.parametrize("dtype", NARROW_DTYPES)
+def test_one_sided_narrow_misaligned_direction_same_bits(backend, dtype):
+    """A gated direction with rows of 129 elements (copied padded by the Triton path before its GEMM) and the
+    same direction in aligned rows: the same weight bits."""
+    weight, direction, left, _ = one_sided_case(37, 129, 8, "left", dtype)
+    gated = gated_direction(direction, torch.tensor(GATE, dtype=torch.float32, device=DEVICE), dtype)
+    aligned = ops.aligned_rows(gated)
+    assert aligned.stride(0) != gated.stride(0)
+    twin = weight.clone()
+    with poisoned_empty():
+        call_gated(backend, weight, gated, left, None, STEP, 0.0, GATE, True, False)
+    call_gated(backend, twin, aligned, left, None, STEP, 0.0, GATE, True, False)
+    assert torch.equal(weight, twin)
+
+
 @pytest.mark.parametrize(
     "backend", [p for p in backend_params("project_back_update") if p.values[0] in ("triton", "reference")]
 )

@@ -140,6 +140,21 @@ def test_strided_inputs(backend, dtype, side):
         assert torch.equal(result, contiguous)
 
 
+@pytest.mark.parametrize("backend", other_backend_params("project_grad"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_misaligned_gradient_same_bits_as_aligned(backend, dtype):
+    # Rows of 41 elements: the Triton path copies such a gradient padded (`aligned_rows`) before a rank of
+    # several tiles reads it; the result must not depend on whether the caller's rows were aligned.
+    grad, left, _ = make_case(70, 41, 20, "left", dtype)
+    aligned = ops.aligned_rows(grad)
+    assert aligned.stride(0) != grad.stride(0)
+    with poisoned_empty():
+        misaligned_result = call(backend, grad, left, None)
+    assert torch.equal(misaligned_result, call(backend, aligned, left, None))
+    assert_within_baseline(misaligned_result, plain_torch(grad, left, None), exact(grad, left, None), dtype,
+                           factor=FACTOR[dtype])
+
+
 BAD_CASES = {
     "neither": (lambda g: (g, None, None), r"needs `left` \(m, r\), `right` \(n, r\) or both"),
     "grad-1d": (lambda g: (g[0], g[:, :2], None), r"grad must be a 2-D \(m, n\) tensor, got shape \(9,\)"),

@@ -1,6 +1,7 @@
 """The ops: each module holds the pure-PyTorch reference and dispatches to the fastest backend here."""
 
 from .adam_update import adam_update
+from .aligned_rows import aligned_rows
 from .adapter_linear import adapter_backward, adapter_weight
 from .full_linear import full_backward, full_forward
 from .norm_coefficients import norm_coefficients
@@ -18,6 +19,7 @@ __all__ = [
     "adapter_backward",
     "adapter_row_norm",
     "adapter_weight",
+    "aligned_rows",
     "dequantize_blockwise",
     "dynamic_map",
     "full_backward",

@@ -6,7 +6,9 @@ import triton.language as tl
 
 from .._dispatch import triton_interpreted
 from ..ops._common import NORM_FLOOR
+from ..ops.aligned_rows import needs_alignment
 from ..ops.project_back import project_back_update as project_back_update_op
+from .aligned_rows import aligned_rows
 from .rounding import _round_to, bitwise_bf16
 from .row_norm import row_norm
 from .splits import split_range
@@ -61,11 +63,12 @@ def _project_back_update_kernel(
 
 @triton.jit
 def _one_sided_update_kernel(
-    w_ptr, a_ptr, b_ptr, rows, cols, rank, stride_w, stride_a0, stride_a1, stride_b0, stride_b1, step_size,
+    w_ptr, a_ptr, b_ptr, rows, cols, cols_load, rank, stride_w, stride_a0, stride_a1, stride_b0, stride_b1, step_size,
     BITWISE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """W <- W - step_size (A B) for one tile of a bf16/fp16 W, the factors rounded to W's dtype as the cuBLAS
-    path rounds them. For weights whose rows are not 16-byte aligned, where cuBLAS falls back to a slow kernel."""
+    path rounds them. For weights whose rows are not 16-byte aligned, where cuBLAS falls back to a slow kernel.
+    B's columns are read up to `cols_load` >= cols: a padded B (`aligned_rows`) with vector loads."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = row < rows
@@ -77,7 +80,7 @@ def _one_sided_update_kernel(
         a = tl.load(a_ptr + row[:, None] * stride_a0 + r[None, :] * stride_a1,
                     mask=row_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
         b = tl.load(b_ptr + r[:, None] * stride_b0 + col[None, :] * stride_b1,
-                    mask=r_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+                    mask=r_mask[:, None] & (col < cols_load)[None, :], other=0.0).to(tl.float32)
         a = _round_to(a, w_ptr.dtype.element_ty, BITWISE_BF16)
         b = _round_to(b, w_ptr.dtype.element_ty, BITWISE_BF16)
         if BITWISE_BF16:  # the interpreter: bf16 values, multiplied in float32
@@ -129,10 +132,17 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate, 
         else:
             # Rows not 16-byte aligned (LLaMA's 5461-wide MLP): cuBLAS's fallback kernel there is slower
             # than this one, which forms the same rounded product tile by tile (bench/time_project_back.py).
+            # A misaligned B (the direction N of a left projection: (r, cols) rows) is copied padded first: its
+            # scalar loads kept the kernel from pipelining (H200, 2048 x 5461, r = 512: 101 -> 5 + 52 us;
+            # r = 128: 41 -> 4 + 30).
+            cols_load = cols
+            if needs_alignment(factor_b):
+                factor_b = aligned_rows(factor_b)
+                cols_load = factor_b.stride(0)  # the padding, zeros, is ours to read
             block_m, block_n, block_r = _ONE_SIDED_TILE
             _one_sided_update_kernel[(triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))](
-                weight, factor_a, factor_b, rows, cols, factor_a.shape[1], weight.stride(0), factor_a.stride(0),
-                factor_a.stride(1), factor_b.stride(0), factor_b.stride(1), float(step_size),
+                weight, factor_a, factor_b, rows, cols, cols_load, factor_a.shape[1], weight.stride(0),
+                factor_a.stride(0), factor_a.stride(1), factor_b.stride(0), factor_b.stride(1), float(step_size),
                 BITWISE_BF16=bitwise_bf16(weight.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
                 num_warps=_ONE_SIDED_WARPS,
             )

@@ -26,18 +26,21 @@ from ..ops.project_grad import (
     project_grad as project_grad_op,
     project_grad_shape,
 )
+from ..ops.aligned_rows import needs_alignment
+from .aligned_rows import aligned_rows
 from .rounding import _round_to, bitwise_bf16
 
 
 @triton.jit
 def _split_k_kernel(
-    a_ptr, b_ptr, c_ptr, M, N, K, k_per_split, stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm,
+    a_ptr, b_ptr, c_ptr, M, N, n_load, K, k_per_split, stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm,
     M_FASTEST: tl.constexpr, NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BITWISE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """C[split] (or C itself, one split) = A[:, ks] @ B[ks, :] for one (BLOCK_M, BLOCK_N) tile, ks this
     program's range of K. The projector's tile index varies fastest (M_FASTEST: M is the projector's
-    rank), so the programs that share a tile of the gradient run together and re-read it from L2."""
+    rank), so the programs that share a tile of the gradient run together and re-read it from L2. B's columns
+    are read up to `n_load` >= N: a padded B (`aligned_rows`) is read whole rows at a time, with vector loads."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     if M_FASTEST:
@@ -52,6 +55,7 @@ def _split_k_kernel(
     col = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = row < M
     col_mask = col < N
+    load_col_mask = col < n_load
     # 64-bit offsets along the gradient's long dimensions.
     a_rows = a_ptr + row.to(tl.int64)[:, None] * stride_am
     b_cols = b_ptr + col.to(tl.int64)[None, :] * stride_bn
@@ -62,7 +66,7 @@ def _split_k_kernel(
         k_mask = k < K
         k64 = k.to(tl.int64)
         a = tl.load(a_rows + k64[None, :] * stride_ak, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_cols + k64[:, None] * stride_bk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        b = tl.load(b_cols + k64[:, None] * stride_bk, mask=k_mask[:, None] & load_col_mask[None, :], other=0.0)
         if NATIVE_DOT:  # bf16/fp16 products are exact in the float32 accumulator
             acc = tl.dot(a, b, acc)
         else:
@@ -156,6 +160,14 @@ def _matmul_into(out, a, b, projector_is_m, config=None, splits=None):
     config = config or default_config(M if projector_is_m else N, native)
     meta = config.kwargs
     block_m, block_n = (meta["BLOCK_R"], meta["BLOCK_L"]) if projector_is_m else (meta["BLOCK_L"], meta["BLOCK_R"])
+    n_load = N
+    if projector_is_m and triton.cdiv(M, block_m) > 1 and b.dtype in (torch.bfloat16, torch.float16) and \
+            needs_alignment(b):
+        # A misaligned gradient read once per tile of the rank: each read is scalar loads without a pipeline,
+        # so copying it padded first pays (H200, 2048 x 5461 bf16, r = 512: 79 -> 13 + 34 us; at r = 128, one
+        # rank tile, the copy would cost more than it saves: 26 against 13 + 20).
+        b = aligned_rows(b)
+        n_load = b.stride(0)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     splits, k_per_split = _splits(tiles, K, meta["BLOCK_K"], out.device, splits)
     target = out if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=out.device)
@@ -163,7 +175,7 @@ def _matmul_into(out, a, b, projector_is_m, config=None, splits=None):
     # the other (16-bit) projector takes 3xTF32, its error far below the final 16-bit rounding.
     precision = "ieee" if out.dtype == torch.float32 and a.dtype == b.dtype == torch.float32 else "tf32x3"
     _split_k_kernel[(tiles, splits)](
-        a, b, target, M, N, K, k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        a, b, target, M, N, n_load, K, k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         M * N if splits > 1 else 0, N,
         M_FASTEST=projector_is_m, NATIVE_DOT=native, DOT_PRECISION=precision,
         BITWISE_BF16=splits == 1 and bitwise_bf16(out.dtype),
