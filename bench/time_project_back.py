@@ -1,7 +1,7 @@
-"""The optimizer's project-back at LLaMA-1B shapes, bf16, rank 128, one-sided, no decay: the op (cuBLAS, or the
-one-sided Triton kernel where rows are not 16-byte aligned), cuBLAS's addmm alone, the general Triton kernel, and
-the one-sided kernel's candidate tiles; kernel time from CUDA graphs (`time_kernels`), in us and % of the
-weight's read + write at the copy bandwidth given.
+"""The optimizer's project-back at LLaMA-1B shapes, bf16, one-sided: the op without decay (cuBLAS, or the one-sided
+Triton kernel where rows are not 16-byte aligned), cuBLAS's addmm alone, the op with decay (the one-sided kernel on
+every weight), and the one-sided kernel's candidate tiles; kernel time from CUDA graphs (`time_kernels`), in us and
+% of the weight's read + write at the copy bandwidth given.
 
     python bench/time_project_back.py [--copy-gbs 3001]
 """
@@ -34,10 +34,11 @@ def main() -> None:
             "op": lambda: ops.project_back_update(weight, direction, left, right, 1e-3, 0.0, gate, False),
             "op, gated direction": lambda: ops.project_back_update(weight, gated, left, right, 1e-3, 0.0, gate, False,
                                                                    True),
-            # A decay forces the Triton kernel (the update formed tile by tile, the gate read in the kernel).
             "cuBLAS addmm alone": (lambda: weight.addmm_(left, gated, alpha=-1e-3)) if side == "left" else
             (lambda: weight.addmm_(gated, right.T, alpha=-1e-3)),
-            "general triton kernel": lambda: ops.project_back_update(weight, direction, left, right, 1e-3, 1e-30, gate, False),
+            # A decay (its factor read on the device) takes the one-sided Triton kernel on every weight.
+            "op with decay": lambda: ops.project_back_update(weight, gated, left, right, 1e-3, 1e-30, gate, False,
+                                                             True),
         }
         if weight.stride(0) * weight.element_size() % 16:
             for tile, warps in [((128, 128, 64), 8), ((64, 128, 64), 4), ((128, 64, 64), 4), ((64, 64, 64), 4),

@@ -2,7 +2,7 @@
 (`_step_graph.LANES`) the captured step spreads its matrices over: the replay's GPU time (`do_bench` of the
 captured graph) and the median step from an idle GPU (host work included, as the benchmark times it).
 
-    python bench/time_step_replay.py [--rank 128] [--lanes 1,2,4,8]
+    python bench/time_step_replay.py [--rank 128] [--lanes 1,2,4,8] [--weight-decay 0]
 """
 
 import argparse
@@ -19,6 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--lanes", default="1,2,4,8")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
     args = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -28,7 +29,8 @@ def main() -> None:
         _step_graph.LANES = lanes  # read when the optimizer lays out its moments
         params = [torch.nn.Parameter(w.clone()) for w in weights]
         optimizer = GradNormLoRPAdamW([{"params": params, "project": True}], lr=1e-3, rank=args.rank,
-                                      update_proj_gap=10**6, scale=0.25, state_bits=8)
+                                      update_proj_gap=10**6, scale=0.25, state_bits=8,
+                                      weight_decay=args.weight_decay)
 
         def step() -> None:
             for p, g in zip(params, grads):
@@ -49,7 +51,7 @@ def main() -> None:
             end.record()
             torch.cuda.synchronize()
             from_idle.append(start.elapsed_time(end))
-        print(f"rank {args.rank} lanes {lanes}: replay {1e3 * replay_ms:7.1f} us, "
+        print(f"rank {args.rank} lanes {lanes} weight decay {args.weight_decay:g}: replay {1e3 * replay_ms:7.1f} us, "
               f"step from idle median {1e3 * statistics.median(from_idle):7.1f} us", flush=True)
 
 

@@ -531,15 +531,15 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     def _update_projected_flat(self, params: list, group: dict, flat: FlatMoments, lr: torch.Tensor) -> None:
         """`_update_projected` of every matrix of a group with one Adam launch over `flat`, or one a part of it
         inside a capture (capturable): the projections write into one flat gradient, and a one-sided bf16/fp16
-        update without decay gets its direction already multiplied by lr and rounded, as the per-matrix path
-        rounds it; the result is bit-identical to `_update_projected` matrix by matrix. Inside a capture each of `flat.parts` runs
+        update gets its direction already multiplied by lr and rounded, as the per-matrix path rounds it; the
+        result is bit-identical to `_update_projected` matrix by matrix. Inside a capture each of `flat.parts` runs
         its projections, Adam launch and project-backs on a stream of its own (`Lanes`), so the replay
         overlaps the parts' small kernels; the same kernels on the same data, so the same bits."""
         sides = [self._sides(group, p.shape) for p in params]
         decay = float(group["weight_decay"])
         # Where project_back_update rounds the gated direction to the weight's dtype before its product
-        # (triton backend, one-sided, bf16/fp16, no decay), the Adam launch does that rounding instead.
-        gated = decay == 0.0 and params[0].is_cuda and params[0].dtype in (torch.bfloat16, torch.float16) and \
+        # (triton backend, one-sided, bf16/fp16), the Adam launch does that rounding instead.
+        gated = params[0].is_cuda and params[0].dtype in (torch.bfloat16, torch.float16) and \
             all(left != right for left, right in sides) and \
             _dispatch.select("project_back_update", "cuda")[0] == "triton"
         beta1, beta2 = group["betas"]

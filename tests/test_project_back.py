@@ -75,14 +75,19 @@ def test_bfloat16_weight(backend, side, out, inp, r):
     original = weight.clone()
     norms = call(backend, weight, direction, left, right, 1e-2, 1e-3, 1.0)
     assert weight.dtype == torch.bfloat16
-    expected = expected_weight(original, direction, left, right, 1e-2, 1e-3, 1.0)
-    # One bfloat16 rounding of the exact result, plus the update's own error if it is formed at TF32
-    # precision (10-bit mantissa; far below the weight's rounding except where W and the update cancel).
-    update_size = expected_weight(torch.zeros_like(original), direction.abs(), abs_or_none(left), abs_or_none(right),
-                                  1e-2, 0.0, 1.0).abs()
-    error = (weight.to(torch.float64) - expected).abs()
-    bound = 2.0**-8 * expected.abs() + 2.0**-10 * update_size + 1e-9
-    assert bool((error <= bound).all()), f"{int((error > bound).sum())} elements off by more than a rounding"
+    if rounds_factors(backend) and side in ("left", "right"):
+        # One-sided: the product of the factors rounded to bf16, W decayed, one rounding (see below).
+        exact, magnitude = one_sided_expected(original, direction.to(torch.bfloat16), left, right, 1e-2, 1.0 - 1e-3)
+        assert_within(weight, exact, one_sided_bound(backend, original, exact, magnitude, r))
+    else:
+        expected = expected_weight(original, direction, left, right, 1e-2, 1e-3, 1.0)
+        # One bfloat16 rounding of the exact result, plus the update's own error if it is formed at TF32
+        # precision (10-bit mantissa; far below the weight's rounding except where W and the update cancel).
+        update_size = expected_weight(torch.zeros_like(original), direction.abs(), abs_or_none(left),
+                                      abs_or_none(right), 1e-2, 0.0, 1.0).abs()
+        error = (weight.to(torch.float64) - expected).abs()
+        bound = 2.0**-8 * expected.abs() + 2.0**-10 * update_size + 1e-9
+        assert bool((error <= bound).all()), f"{int((error > bound).sum())} elements off by more than a rounding"
     # The step actually moved the weight (it is not lost to rounding at this size).
     assert not torch.equal(weight, original)
     # The norms are those of the stored (rounded) weight, which is what the next forward uses.
@@ -124,12 +129,13 @@ def test_without_norms_the_update_is_the_same(backend, weight_dtype, side, decay
     assert torch.equal(weight, twin)
 
 
-# ---- direction_gated, and the one-sided bf16/fp16 update without decay --------------------------------------------
+# ---- direction_gated, and the one-sided bf16/fp16 update --------------------------------------------------------
 #
-# With one projector, a bf16/fp16 weight and no decay, the triton backend forms W - step (A B) from factors rounded to
-# W's dtype (the gated direction bf16(N gate), or the given gated direction, and the projector), accumulated in
-# float32 (cuBLAS addmm where rows are 16-byte aligned on a GPU, else its own kernel; always that kernel under the
-# interpreter). The reference and the compiled kernels multiply the float32 factors instead.
+# With one projector and a bf16/fp16 weight, the triton backend forms W (1 - gate decay) - step (A B) from factors
+# rounded to W's dtype (the gated direction bf16(N gate), or the given gated direction, and the projector),
+# accumulated in float32 (cuBLAS addmm where rows are 16-byte aligned on a GPU and there is no decay, else its own
+# kernel; always that kernel under the interpreter). The reference and the compiled kernels multiply the float32
+# factors instead.
 
 NARROW_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 # (out, in, r, dtype): odd sizes across the kernel's 64 x 64 x 64 tiles; (40, 136) has 16-byte-aligned rows (the
@@ -149,7 +155,7 @@ FLOAT32_ROUNDING = 2.0**-24
 
 
 def rounds_factors(backend: str) -> bool:
-    """Whether `backend` rounds the factors of a one-sided bf16/fp16 update without decay to the weight's dtype."""
+    """Whether `backend` rounds the factors of a one-sided bf16/fp16 update to the weight's dtype."""
     return backend == "triton"
 
 
@@ -175,10 +181,12 @@ def rounded_factors(gated, left, right, dtype):
     return gated.to(dtype).to(torch.float64), right.to(dtype).T.to(torch.float64)
 
 
-def one_sided_expected(weight, gated, left, right, step_size):
-    """(W - step A B exactly, step |A| @ |B|) in float64, from the factors rounded to W's dtype."""
+def one_sided_expected(weight, gated, left, right, step_size, keep=1.0):
+    """(W keep - step A B exactly, step |A| @ |B|) in float64, from the factors rounded to W's dtype; `keep` is the
+    decay's factor 1 - gate decay, as the kernel reads it (a float32)."""
     a, b = rounded_factors(gated, left, right, weight.dtype)
-    return weight.to(torch.float64) - step_size * (a @ b), step_size * (a.abs() @ b.abs())
+    keep = torch.tensor(keep, dtype=torch.float32).item()
+    return weight.to(torch.float64) * keep - step_size * (a @ b), step_size * (a.abs() @ b.abs())
 
 
 def one_sided_bound(backend, original, exact, magnitude, rank):
@@ -277,6 +285,12 @@ def test_gated_direction_with_decay_bfloat16(backend, side):
     gated = direction.to(torch.bfloat16)
     original = weight.clone()
     norms = call_gated(backend, weight, gated, left, right, STEP, 0.1, GATE, True)
+    if rounds_factors(backend) and side in ("left", "right"):  # the one-sided kernel, its factors rounded
+        gate = torch.tensor(GATE, dtype=torch.float32).item()
+        exact, magnitude = one_sided_expected(original, gated, left, right, STEP, 1.0 - gate * 0.1)
+        assert_within(weight, exact, one_sided_bound(backend, original, exact, magnitude, 16))
+        assert_close_scaled(norms, torch.linalg.vector_norm(weight.to(torch.float64), dim=1), 1e-6, "norms")
+        return
     update = expected_weight(torch.zeros_like(original), gated, left, right, 1.0, 0.0, -1.0)
     expected = original.to(torch.float64) * (1.0 - GATE * 0.1) - STEP * update
     update_size = expected_weight(torch.zeros_like(original), gated.abs(), abs_or_none(left), abs_or_none(right),

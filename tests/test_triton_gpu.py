@@ -59,8 +59,8 @@ def _compile_cases(shared_bytes):
     """(id, kernel, pointer dtypes other than float32, constexprs, num_warps, options): each kernel at the
     tile sizes its launcher picks for bf16 (and float32 where a launcher picks differently), rank 16/128, on a
     GPU with `shared_bytes` of shared memory a block."""
-    from gradnormlorp_kernels.triton import (adam_update, linear, norm_coefficients, project_back, quant8, row_norm,
-                                             segmented_adam_update)
+    from gradnormlorp_kernels.triton import (adam_update, aligned_rows, linear, norm_coefficients, project_back,
+                                             project_grad, quant8, row_norm, segmented_adam_update)
 
     bf16_w = {"w_ptr": "*bf16"}
     quantized_states = {"m_ptr": "*u8", "v_ptr": "*u8", "table_m_ptr": "*u8", "table_v_ptr": "*u8"}
@@ -152,6 +152,18 @@ def _compile_cases(shared_bytes):
         ("project_back-dense", project_back._project_back_update_kernel, bf16_w,
          {**back, "LOW_RANK": False, "DOT_PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": 256}, 4, {}),
         ("row_norm_from_squares", project_back._row_norm_from_squares_kernel, {}, {"BLOCK": 1024}, 4, {}),
+        *[(f"one_sided_update{'-decay' if decay else ''}", project_back._one_sided_update_kernel, lora,
+           {"DECAY": decay, "BITWISE_BF16": False, "stride_a1": 1, "stride_b1": 1,
+            **dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_R"), project_back._ONE_SIDED_TILE))},
+           project_back._ONE_SIDED_WARPS, {}) for decay in (False, True)],
+        *[(f"split_k-r{rank}", project_grad._split_k_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16"},
+           {"M_FASTEST": True, "NATIVE_DOT": True, "DOT_PRECISION": "tf32x3", "BITWISE_BF16": False,
+            "stride_am": 1, "stride_bn": 1, "BLOCK_M": config.kwargs["BLOCK_R"], "BLOCK_N": config.kwargs["BLOCK_L"],
+            "BLOCK_K": config.kwargs["BLOCK_K"]}, config.num_warps, {"num_stages": config.num_stages})
+          for rank, config in ((128, project_grad.default_config(128, True)),
+                               (512, project_grad.default_config(512, True)))],
+        ("aligned_rows", aligned_rows._aligned_rows_kernel, {"src_ptr": "*bf16", "dst_ptr": "*bf16"},
+         dict(zip(("BLOCK_ROWS", "BLOCK_COLS"), aligned_rows._TILE)), aligned_rows._NUM_WARPS, {}),
     ]
 
 
@@ -187,7 +199,9 @@ def _row_norm_compile_cases(row_norm, bf16_w, lora):
 
 _INTEGER_ARGS = ("rows", "cols", "rank", "numel", "splits", "rows_per_split", "cols_per_split", "M", "N", "K",
                  "base", "half", "base_m", "half_m", "base_v", "half_v", "segments", "flat_blocks",
-                 "first_program")
+                 "first_program", "k_per_split", "n_load", "cols_load", "padded")
+# Bounds that the launchers pass padded to a multiple of 16 (a copy from `aligned_rows`): specialised as such.
+_PADDED_BOUNDS = ("n_load", "cols_load", "padded")
 
 
 def _nvidia_toolchain():
@@ -243,7 +257,7 @@ def compile_kernels(directory: Path, arch: int = 90, summaries: dict[str, str] |
                 signature[arg] = "i32"
             else:
                 signature[arg] = "fp32"
-            if arg.endswith("_ptr") or arg.startswith("stride"):
+            if arg.endswith("_ptr") or arg.startswith("stride") or arg in _PADDED_BOUNDS:
                 aligned[(index,)] = [["tt.divisibility", 16]]
         try:
             compiled = triton.compile(

@@ -63,12 +63,15 @@ def _project_back_update_kernel(
 
 @triton.jit
 def _one_sided_update_kernel(
-    w_ptr, a_ptr, b_ptr, rows, cols, cols_load, rank, stride_w, stride_a0, stride_a1, stride_b0, stride_b1, step_size,
-    BITWISE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    w_ptr, a_ptr, b_ptr, gate_ptr, rows, cols, cols_load, rank, stride_w, stride_a0, stride_a1, stride_b0, stride_b1,
+    step_size, decay, DECAY: tl.constexpr, BITWISE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
-    """W <- W - step_size (A B) for one tile of a bf16/fp16 W, the factors rounded to W's dtype as the cuBLAS
-    path rounds them. For weights whose rows are not 16-byte aligned, where cuBLAS falls back to a slow kernel.
-    B's columns are read up to `cols_load` >= cols: a padded B (`aligned_rows`) with vector loads."""
+    """W <- W (1 - gate decay) - step_size (A B) for one tile of a bf16/fp16 W, the factors rounded to W's dtype
+    as the cuBLAS path rounds them (`DECAY` False: no decay, the gate not read). For weights whose rows are not
+    16-byte aligned, where cuBLAS falls back to a slow kernel, and for any weight with decay, which cuBLAS cannot
+    take from the device. B's columns are read up to `cols_load` >= cols: a padded B (`aligned_rows`) with vector
+    loads."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = row < rows
@@ -89,8 +92,10 @@ def _one_sided_update_kernel(
             acc += tl.dot(a, b)
     pointers = w_ptr + row[:, None] * stride_w + col[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
-    w = tl.load(pointers, mask=mask, other=0.0)
-    tl.store(pointers, _round_to(w.to(tl.float32) - step_size * acc, w.dtype, BITWISE_BF16), mask=mask)
+    w = tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
+    if DECAY:
+        w = w * (1.0 - tl.load(gate_ptr).to(tl.float32) * decay)
+    tl.store(pointers, _round_to(w - step_size * acc, w_ptr.dtype.element_ty, BITWISE_BF16), mask=mask)
 
 
 @triton.jit
@@ -108,7 +113,9 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate, 
 
     The update L R is, by projection: left only P @ N, right only N @ Q^T, both (P N) @ Q^T (P N is
     (out, r), formed first), none N itself. float32 weights use 3xTF32 products (float32 accuracy),
-    narrower weights TF32 (the update is far below one rounding of the weight).
+    narrower weights TF32 (the update is far below one rounding of the weight), except one-sided ones: their
+    factors are rounded to the weight's dtype and multiplied on tensor cores (cuBLAS without decay where the
+    rows are aligned, else `_one_sided_update_kernel`).
     """
     if weight.dtype == torch.float64:
         return project_back_update_op.reference(weight, direction, left, right, step_size, decay, gate, with_norm,
@@ -116,22 +123,23 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate, 
     if weight.stride(1) != 1:
         raise ValueError("weight must have unit stride along its rows to be updated in place")
     rows, cols = weight.shape
-    one_sided_narrow = (decay == 0.0 and weight.dtype in (torch.bfloat16, torch.float16)
-                        and (left is None) != (right is None) and rows and cols)
+    one_sided_narrow = (weight.dtype in (torch.bfloat16, torch.float16) and (left is None) != (right is None)
+                        and rows and cols)
     if one_sided_narrow and (weight.is_cuda or triton_interpreted()):
-        # One-sided: W + alpha L R accumulated in float32, W read and written once. The gated direction and
-        # the projector are rounded to the weight's dtype, as GaLore's update is.
+        # One-sided: W (1 - gate decay) + alpha L R accumulated in float32, W read and written once. The gated
+        # direction and the projector are rounded to the weight's dtype, as GaLore's update is.
         if direction_gated:
             gated = direction.to(weight.dtype)
         else:
             gated = torch.empty(direction.shape, dtype=weight.dtype, device=weight.device)
             torch.mul(direction, gate.to(torch.float32), out=gated)
         factor_a, factor_b = (left, gated) if left is not None else (gated, right.T)
-        if weight.is_cuda and (weight.stride(0) * weight.element_size()) % 16 == 0:
+        if decay == 0.0 and weight.is_cuda and (weight.stride(0) * weight.element_size()) % 16 == 0:
             weight.addmm_(factor_a.to(weight.dtype), factor_b.to(weight.dtype), alpha=-float(step_size))
         else:
             # Rows not 16-byte aligned (LLaMA's 5461-wide MLP): cuBLAS's fallback kernel there is slower
             # than this one, which forms the same rounded product tile by tile (bench/time_project_back.py).
+            # With decay, whose factor 1 - gate decay lives on the device, every weight comes here.
             # A misaligned B (the direction N of a left projection: (r, cols) rows) is copied padded first: its
             # scalar loads kept the kernel from pipelining (H200, 2048 x 5461, r = 512: 101 -> 5 + 52 us;
             # r = 128: 41 -> 4 + 30).
@@ -141,9 +149,10 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate, 
                 cols_load = factor_b.stride(0)  # the padding, zeros, is ours to read
             block_m, block_n, block_r = _ONE_SIDED_TILE
             _one_sided_update_kernel[(triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))](
-                weight, factor_a, factor_b, rows, cols, cols_load, factor_a.shape[1], weight.stride(0),
+                weight, factor_a, factor_b, gate, rows, cols, cols_load, factor_a.shape[1], weight.stride(0),
                 factor_a.stride(0), factor_a.stride(1), factor_b.stride(0), factor_b.stride(1), float(step_size),
-                BITWISE_BF16=bitwise_bf16(weight.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+                float(decay), DECAY=decay != 0.0, BITWISE_BF16=bitwise_bf16(weight.dtype), BLOCK_M=block_m,
+                BLOCK_N=block_n, BLOCK_R=block_r,
                 num_warps=_ONE_SIDED_WARPS,
             )
         return row_norm(weight) if with_norm else torch.empty(0, dtype=torch.float32, device=weight.device)
