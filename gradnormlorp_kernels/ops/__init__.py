@@ -1,8 +1,8 @@
 """The ops: each module holds the pure-PyTorch reference and dispatches to the fastest backend here."""
 
 from .adam_update import adam_update
-from .aligned_rows import aligned_rows
 from .adapter_linear import adapter_backward, adapter_weight
+from .aligned_rows import aligned_rows
 from .full_linear import full_backward, full_forward
 from .norm_coefficients import norm_coefficients
 from .project_back import project_back_update

@@ -21,12 +21,12 @@ import triton
 import triton.language as tl
 
 from .._dispatch import triton_interpreted
+from ..ops.aligned_rows import needs_alignment
 from ..ops.project_grad import (
     check_project_grad_args,
     project_grad as project_grad_op,
     project_grad_shape,
 )
-from ..ops.aligned_rows import needs_alignment
 from .aligned_rows import aligned_rows
 from .rounding import _round_to, bitwise_bf16
 
