@@ -279,8 +279,8 @@ def test_gated_direction_scales_only_the_decay(backend, dtype, side, gate, decay
 @pytest.mark.parametrize("backend", backend_params("project_back_update"))
 @pytest.mark.parametrize("side", SIDES)
 def test_gated_direction_with_decay_bfloat16(backend, side):
-    """The general (decaying) path of a bf16 weight with a gated bf16 direction: one rounding of the exact result,
-    plus the update's error at TF32 precision."""
+    """A decaying bf16 weight with a gated bf16 direction: one rounding of the exact result, plus the update's error
+    at TF32 precision (the general path), or of the product of the rounded factors (the one-sided kernel)."""
     weight, direction, left, right = make_case(65, 130, 16, side, torch.bfloat16, torch.float32)
     gated = direction.to(torch.bfloat16)
     original = weight.clone()
