@@ -557,11 +557,15 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                         state = self.state[p]
                         self._project(p.grad, state, left, right,
                                       out=projected[start:start + numel].view(state["exp_avg"].shape))
+                    skipped = flat.skipped[first:last].clone() if decay else None
                     directions = flat.update(projected[lo:hi], *codes, float(beta1), float(beta2),
                                              float(group["eps"]), scale, out_dtype, part)
-                    for p, (start, numel), (left, right) in members:
+                    # With decay a skipped step must not decay the weight. The Adam launch's check has counted
+                    # each matrix's non-finite step in `skipped`: the gates of `_gate`, without a reduction each.
+                    gates = (flat.skipped[first:last] == skipped).to(torch.float32) * lr if decay else None
+                    for index, (p, (start, numel), (left, right)) in enumerate(members):
                         state = self.state[p]
-                        gate = self._gate(projected[start:start + numel], group, lr)
+                        gate = gates[index] if decay else self._gate(projected[start:start + numel], group, lr)
                         ops.project_back_update(
                             p, directions[start - lo:start - lo + numel].view(state["exp_avg"].shape),
                             state["left"] if left else None, state["right"] if right else None,

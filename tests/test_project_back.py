@@ -278,10 +278,12 @@ def test_gated_direction_scales_only_the_decay(backend, dtype, side, gate, decay
 
 @pytest.mark.parametrize("backend", backend_params("project_back_update"))
 @pytest.mark.parametrize("side", SIDES)
-def test_gated_direction_with_decay_bfloat16(backend, side):
+@pytest.mark.parametrize("inp", [130, 136], ids=["misaligned", "aligned"])
+def test_gated_direction_with_decay_bfloat16(backend, side, inp):
     """A decaying bf16 weight with a gated bf16 direction: one rounding of the exact result, plus the update's error
-    at TF32 precision (the general path), or of the product of the rounded factors (the one-sided kernel)."""
-    weight, direction, left, right = make_case(65, 130, 16, side, torch.bfloat16, torch.float32)
+    at TF32 precision (the general path), or of the product of the rounded factors (the one-sided kernel, whose
+    tile differs for 16-byte aligned rows)."""
+    weight, direction, left, right = make_case(65, inp, 16, side, torch.bfloat16, torch.float32)
     gated = direction.to(torch.bfloat16)
     original = weight.clone()
     norms = call_gated(backend, weight, gated, left, right, STEP, 0.1, GATE, True)
@@ -367,6 +369,22 @@ def test_one_sided_narrow_strided_weight(backend, side):
     norms = call_gated(backend, weight, direction, left, right, STEP, 0.0, GATE, False)
     assert_within(weight, exact, one_sided_bound(backend, original, exact, magnitude, r))
     assert torch.equal(buffer[:, :3], before[:, :3]) and torch.equal(buffer[:, 3 + inp:], before[:, 3 + inp:])
+    assert_close_scaled(norms, torch.linalg.vector_norm(weight.to(torch.float64), dim=1), 1e-6, "norms")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("side,out,inp", [("left", 2048, 2048), ("left", 2048, 5461), ("right", 5461, 2048)])
+@pytest.mark.parametrize("r", [128, 512])
+def test_one_sided_llama_sizes_with_decay(side, out, inp, r):
+    """The optimizer's call with decay at LLaMA-1B's shapes (the one-sided kernel on every one: its larger tile on
+    the aligned rows, the smaller on 5461-wide ones), against the float64 update of the rounded factors."""
+    weight, direction, left, right = one_sided_case(out, inp, r, side, torch.bfloat16, device="cuda")
+    original = weight.clone()
+    gate = torch.tensor(GATE, dtype=torch.float32, device="cuda")
+    gated = gated_direction(direction, gate, torch.bfloat16)
+    exact, magnitude = one_sided_expected(original, gated, left, right, 1e-2, 1.0 - gate.item() * 0.1)
+    norms = call_gated("triton", weight, gated, left, right, 1e-2, 0.1, GATE, True)
+    assert_within(weight, exact, one_sided_bound("triton", original, exact, magnitude, r))
     assert_close_scaled(norms, torch.linalg.vector_norm(weight.to(torch.float64), dim=1), 1e-6, "norms")
 
 

@@ -152,10 +152,13 @@ def _compile_cases(shared_bytes):
         ("project_back-dense", project_back._project_back_update_kernel, bf16_w,
          {**back, "LOW_RANK": False, "DOT_PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": 256}, 4, {}),
         ("row_norm_from_squares", project_back._row_norm_from_squares_kernel, {}, {"BLOCK": 1024}, 4, {}),
-        *[(f"one_sided_update{'-decay' if decay else ''}", project_back._one_sided_update_kernel, lora,
+        *[(f"one_sided_update{suffix}", project_back._one_sided_update_kernel, lora,
            {"DECAY": decay, "BITWISE_BF16": False, "stride_a1": 1, "stride_b1": 1,
-            **dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_R"), project_back._ONE_SIDED_TILE))},
-           project_back._ONE_SIDED_WARPS, {}) for decay in (False, True)],
+            **dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_R"), tile))}, warps, {})
+          for suffix, decay, tile, warps in (
+              ("", False, project_back._ONE_SIDED_TILE, project_back._ONE_SIDED_WARPS),
+              ("-decay", True, project_back._ONE_SIDED_TILE, project_back._ONE_SIDED_WARPS),
+              ("-decay-aligned", True, project_back._ALIGNED_DECAY_TILE, project_back._ALIGNED_DECAY_WARPS))],
         *[(f"split_k-r{rank}", project_grad._split_k_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16"},
            {"M_FASTEST": True, "NATIVE_DOT": True, "DOT_PRECISION": "tf32x3", "BITWISE_BF16": False,
             "stride_am": 1, "stride_bn": 1, "BLOCK_M": config.kwargs["BLOCK_R"], "BLOCK_N": config.kwargs["BLOCK_L"],

@@ -13,9 +13,11 @@ from .rounding import _round_to, bitwise_bf16
 from .row_norm import row_norm
 from .splits import split_range
 
-# The one-sided bf16/fp16 kernel: (rows, columns, rank) of a tile, and warps.
-_ONE_SIDED_TILE = (64, 64, 64)
-_ONE_SIDED_WARPS = 4
+# The one-sided bf16/fp16 kernel: (rows, columns, rank) of a tile, and warps. Weights with decay whose rows are
+# 16-byte aligned (cuBLAS takes the others without decay) use a larger tile: H200, r = 512, 2048 x 2048 17.0 ->
+# 13.6 us, 5461 x 2048 42.3 -> 35.2 (r = 128 even); on misaligned rows it is slower (bench/NOTES.md).
+_ONE_SIDED_TILE, _ONE_SIDED_WARPS = (64, 64, 64), 4
+_ALIGNED_DECAY_TILE, _ALIGNED_DECAY_WARPS = (128, 128, 64), 8
 
 
 @triton.jit
@@ -134,7 +136,8 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate, 
             gated = torch.empty(direction.shape, dtype=weight.dtype, device=weight.device)
             torch.mul(direction, gate.to(torch.float32), out=gated)
         factor_a, factor_b = (left, gated) if left is not None else (gated, right.T)
-        if decay == 0.0 and weight.is_cuda and (weight.stride(0) * weight.element_size()) % 16 == 0:
+        aligned = (weight.stride(0) * weight.element_size()) % 16 == 0
+        if decay == 0.0 and weight.is_cuda and aligned:
             weight.addmm_(factor_a.to(weight.dtype), factor_b.to(weight.dtype), alpha=-float(step_size))
         else:
             # Rows not 16-byte aligned (LLaMA's 5461-wide MLP): cuBLAS's fallback kernel there is slower
@@ -147,13 +150,13 @@ def project_back_update(weight, direction, left, right, step_size, decay, gate, 
             if needs_alignment(factor_b):
                 factor_b = aligned_rows(factor_b)
                 cols_load = factor_b.stride(0)  # the padding, zeros, is ours to read
-            block_m, block_n, block_r = _ONE_SIDED_TILE
+            (block_m, block_n, block_r), warps = ((_ALIGNED_DECAY_TILE, _ALIGNED_DECAY_WARPS) if aligned
+                                                  else (_ONE_SIDED_TILE, _ONE_SIDED_WARPS))
             _one_sided_update_kernel[(triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))](
                 weight, factor_a, factor_b, gate, rows, cols, cols_load, factor_a.shape[1], weight.stride(0),
                 factor_a.stride(0), factor_a.stride(1), factor_b.stride(0), factor_b.stride(1), float(step_size),
                 float(decay), DECAY=decay != 0.0, BITWISE_BF16=bitwise_bf16(weight.dtype), BLOCK_M=block_m,
-                BLOCK_N=block_n, BLOCK_R=block_r,
-                num_warps=_ONE_SIDED_WARPS,
+                BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
             )
         return row_norm(weight) if with_norm else torch.empty(0, dtype=torch.float32, device=weight.device)
     direction = direction.to(torch.float32)
