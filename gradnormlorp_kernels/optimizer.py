@@ -409,7 +409,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         graph = self._finish_graphs.get(key)
         if graph is None:
             graph = self._finish_graphs[key] = FinishGraph(
-                basis, vectors, healthy, rank, kept.dtype, self._side_stream("capture", kept.device))
+                basis, vectors, healthy, rank, kept.dtype, self._side_stream("finish capture", kept.device))
         graph.run(kept, basis, vectors, healthy, before_write)
 
     def _start_sketch(self, grad: torch.Tensor, rank: int, side: str, seed: int, spread: bool):
@@ -423,7 +423,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         graphs = self._sketch_graphs.setdefault((tuple(grad.shape), grad.dtype, side, k, grad.device), [])
         graph = next((graph for graph in graphs if not graph.busy), None)
         if graph is None:
-            graph = SketchGraph(grad, side, k, POWER_ITERS, self._side_stream("capture", grad.device))
+            # Captured GEMMs keep the capturing stream's cuBLAS workspace: sketch parts (replayed on the sketch
+            # stream) and finishes (on the refresh stream) can run at once, so they must not share one.
+            graph = SketchGraph(grad, side, k, POWER_ITERS, self._side_stream("sketch capture", grad.device))
             graphs.append(graph)
         graph.begin(grad, seed)
         return graph
