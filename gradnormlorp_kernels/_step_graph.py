@@ -176,7 +176,7 @@ class SketchRun(_PartedSketch):
 
 class SketchGraph(_PartedSketch):
     """`SketchRun` for one gradient shape, dtype and side, each part captured once and replayed: the random
-    draws, products, power iterations and Cholesky-QR passes, about a hundred small launches; the k x k
+    draws, products, Newton-Schulz steps and the last Cholesky-QR, about a hundred small launches; the k x k
     eigendecomposition, which checks its result on the host, stays outside. The gradient is copied into a
     static buffer (a gradient-sized copy per shape: cheaper than a graph per gradient address), the parts
     pass their carry through static buffers, and the draws come from a generator registered with the first
@@ -189,8 +189,7 @@ class SketchGraph(_PartedSketch):
         g = refresh.oriented(self.grad, side)
         m, n = g.shape
         self.inputs = (torch.empty(n, k, dtype=g.dtype, device=g.device),
-                       torch.empty(m, k, dtype=torch.float64, device=g.device),
-                       torch.empty(n, k, dtype=torch.float64, device=g.device))
+                       torch.empty(m, k, dtype=torch.float64, device=g.device))
         self.carry: tuple | None = None  # made like the first carry (its layout: the next part's GEMM reads it)
         self.generator = torch.Generator(device=g.device)
         self.parts = refresh.sketch_parts(power_iters)

@@ -157,6 +157,41 @@ def test_orthonormalize_rank_deficient(dtype):
     assert_close_scaled(q64 @ (q64.T @ y64), y64, tolerance(dtype), "span")
 
 
+@pytest.mark.parametrize("dtype,weakest", [(torch.bfloat16, 1e-4), (torch.float32, 1e-6)], ids=["bf16", "fp32"])
+def test_keep_apart_keeps_the_span_and_lifts_every_direction(dtype, weakest):
+    """Newton-Schulz between the power iteration's products: every singular value of y down to `weakest` of the
+    largest brought into [0.6, 1.2] (what keeps the next product from losing it), and y's span kept: each of
+    its singular directions u_i lies in x's span up to the rounding of the steps, ~u s_1 / s_i (u the dtype's
+    unit roundoff; y's own rounding makes directions weaker than that noise anyway)."""
+    from gradnormlorp_kernels.ops import refresh
+
+    m, k = 129, 11
+    singular_values = torch.logspace(3, 3 + torch.log10(torch.tensor(weakest)).item(), k, dtype=torch.float64)
+    y, u, _ = with_spectrum(m, k, singular_values.tolist(), dtype)
+    x = refresh.keep_apart(y)
+    assert x.shape == (m, k) and x.dtype == dtype
+    values = torch.linalg.svdvals(x.to(torch.float64))
+    assert bool((values >= 0.6).all() and (values <= 1.2).all()), values
+    q = torch.linalg.qr(x.to(torch.float64)).Q
+    outside = torch.linalg.vector_norm(u - q @ (q.T @ u), dim=0)
+    # 32: twelve float32 steps amplify the rounding up to ~13-fold (20 seeds); bf16's is y's own (~1.2).
+    bound = 32 * (torch.finfo(dtype).eps / 2) * singular_values[0] / singular_values.to(DEVICE)
+    tested = bound < 1.0  # where an angle bound says something
+    assert int(tested.sum()) >= 3
+    assert bool((outside[tested] <= bound[tested]).all()), (outside / bound)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_keep_apart_of_zero_and_non_finite(dtype):
+    from gradnormlorp_kernels.ops import refresh
+
+    assert torch.equal(refresh.keep_apart(torch.zeros(9, 4, dtype=dtype, device=DEVICE)),
+                       torch.zeros(9, 4, dtype=dtype, device=DEVICE))
+    y = torch.randn(9, 4, device=DEVICE).to(dtype)
+    y[2, 1] = float("inf")
+    assert bool(torch.isnan(refresh.keep_apart(y)).all())
+
+
 @pytest.mark.parametrize("backend", other_backend_params("svd_projector"))
 def test_svd_projector_matches_reference(backend):
     matrix, _, _ = with_spectrum(65, 33, torch.cat([torch.full((4,), 10.0), torch.linspace(1, 0.1, 29)]).tolist())

@@ -1,8 +1,8 @@
 """Subspace refresh: an orthonormal basis of the gradient's dominant subspace on one side.
 
-`randomized_projector` is a range finder (sketch, a few power iterations, Cholesky-QR), then the top
-directions inside the sketch from a k x k eigendecomposition: GEMMs and tiny factorisations only, and on a
-GPU a single host synchronisation (the eigendecomposition's own check). `svd_projector` is the exact answer
+`randomized_projector` is a range finder (sketch, a few power iterations kept apart by Newton-Schulz steps,
+a final Cholesky-QR), then the top directions inside the sketch from a k x k eigendecomposition: GEMMs and
+tiny factorisations only, and on a GPU a single host synchronisation (the eigendecomposition's own check). `svd_projector` is the exact answer
 (GaLore's choice), for comparison and for `refresh="svd"`.
 """
 
@@ -19,6 +19,15 @@ SIDES = ("left", "right")
 SKETCH_JITTER = 1e-6
 # Absolute floor of the perturbation, so that an all-zero sketch still gets an orthonormal basis.
 JITTER_FLOOR = 1e-30
+# Between the power iteration's products the columns only need keeping apart (the span is what counts), and
+# GEMMs do that far faster than a Cholesky-QR pass, whose k x k factorisation is one latency-bound kernel (H200,
+# k = 520: 0.28-0.55 ms, and 0.2-0.36 ms more for the triangular solve; bench/NOTES.md). A quintic
+# a x + b x^3 + c x^5 acts on every singular value of a matrix scaled to norm <= 1; these coefficients bring
+# each value above ~1e-3 into [0.68, 1.13] within five steps and grow smaller ones 3.4-fold a step. Steps by
+# the dtype the steps run in: eight lift every direction down to ~1e-5 of the largest out of bf16's rounding;
+# float32 resolves directions ~100x weaker, which twelve lift (fewer lost accuracy on steep spectra at k = 520).
+KEEP_APART_STEPS = {torch.bfloat16: 8, torch.float32: 12}
+KEEP_APART_QUINTIC = (3.4445, -4.7750, 2.0315)
 
 
 def _check_side(side: str) -> None:
@@ -44,6 +53,27 @@ def _cholesky_qr(y: torch.Tensor, noise: torch.Tensor, passes: int, failures: li
 
 def _orthonormal(y: torch.Tensor, noise: torch.Tensor, passes: int, failures: list) -> torch.Tensor:
     return torch.linalg.qr(y).Q if y.dtype == torch.float64 else _cholesky_qr(y, noise, passes, failures)
+
+
+def keep_apart(y: torch.Tensor) -> torch.Tensor:
+    """Columns with `y`'s span (m, k) whose singular values are all brought near 1 but those far below the
+    largest (Newton-Schulz steps): GEMMs only, in bf16 for a bf16 `y`, else float32 (float64: Householder QR).
+    Not orthonormal; what a power iteration needs between its products. Zero stays zero, a non-finite `y`
+    gives NaN."""
+    if y.dtype == torch.float64:
+        return torch.linalg.qr(y).Q
+    x = y if y.dtype == torch.bfloat16 else y.to(torch.float32)  # fp16 would overflow in the Gram
+    gram = x.T @ x
+    # The Gram's Frobenius norm bounds the largest squared singular value: every value of x ends at most 1.
+    scale = torch.linalg.vector_norm(gram, dtype=torch.float32).clamp_min(JITTER_FLOOR).rsqrt()
+    x = x * scale.to(x.dtype)
+    gram = gram * (scale * scale).to(x.dtype)
+    a, b, c = KEEP_APART_QUINTIC
+    for step in range(KEEP_APART_STEPS[x.dtype]):
+        if step:
+            gram = x.T @ x
+        x = torch.addmm(x, x, torch.addmm(gram, gram, gram, beta=b, alpha=c), beta=a)
+    return x
 
 
 def orthonormalize(y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -76,8 +106,8 @@ def sketch_size(shape: tuple, rank: int, oversample: int) -> int:
 
 def sketch_inputs(g: torch.Tensor, k: int, seed: int, out: tuple | None = None) -> tuple:
     """The random inputs of `sketch` for the oriented (m, n) matrix `g`: the test matrix (n, k) in g's
-    dtype and the float64 perturbation directions for m-row and n-row bases, all from `seed`; written
-    into `out` (three tensors of those shapes) when given."""
+    dtype and the float64 perturbation directions (m, k) of the final basis, both from `seed`; written
+    into `out` (two tensors of those shapes) when given."""
     return draw_sketch_inputs(g, k, torch.Generator(device=g.device).manual_seed(seed), out)
 
 
@@ -88,12 +118,9 @@ def draw_sketch_inputs(g: torch.Tensor, k: int, generator: torch.Generator, out:
     m, n = g.shape
     omega = torch.randn(n, k, generator=generator, device=g.device, dtype=torch.float32)
     if out is None:
-        return (omega.to(g.dtype),
-                torch.randn(m, k, generator=generator, device=g.device, dtype=torch.float64),
-                torch.randn(n, k, generator=generator, device=g.device, dtype=torch.float64))
+        return omega.to(g.dtype), torch.randn(m, k, generator=generator, device=g.device, dtype=torch.float64)
     out[0].copy_(omega)
     torch.randn(m, k, generator=generator, device=g.device, dtype=torch.float64, out=out[1])
-    torch.randn(n, k, generator=generator, device=g.device, dtype=torch.float64, out=out[2])
     return out
 
 
@@ -102,13 +129,13 @@ def sketch_parts(power_iters: int) -> int:
     return power_iters + 1
 
 
-def sketch_part(part: int, g: torch.Tensor, omega: torch.Tensor, noise_rows: torch.Tensor, noise_cols: torch.Tensor,
-                power_iters: int, carry: tuple | None) -> tuple:
-    """Part `part` (0 <= part < sketch_parts(power_iters)) of `sketch`, two Cholesky-QR passes each: every
-    part but the last ends with a power iteration's half-way basis and returns the carry the next part takes,
-    (q, ok): q (n, k) orthonormal, float32 (float64 for float64 g), ok a 0-d bool (False once a Cholesky broke
-    down); the last returns `sketch`'s result. Run one after another, the parts are `sketch` op for op, so a
-    sketch may be spread over several steps of training. No host synchronisation."""
+def sketch_part(part: int, g: torch.Tensor, omega: torch.Tensor, noise_rows: torch.Tensor, power_iters: int,
+                carry: tuple | None) -> tuple:
+    """Part `part` (0 <= part < sketch_parts(power_iters)) of `sketch`, two products each: every part but the
+    last ends with a power iteration's half-way basis and returns the carry the next part takes, (q, ok): q
+    (n, k) from `keep_apart`, ok a 0-d bool (True: only the last part can break down); the last returns
+    `sketch`'s result. Run one after another, the parts are `sketch` op for op, so a sketch may be spread over
+    several steps of training. No host synchronisation."""
     failures: list = []
 
     def orthonormal(y: torch.Tensor, noise: torch.Tensor, passes: int) -> torch.Tensor:
@@ -122,15 +149,14 @@ def sketch_part(part: int, g: torch.Tensor, omega: torch.Tensor, noise_rows: tor
 
     y = g @ omega if part == 0 else g @ carry[0].to(g.dtype)
     if part < power_iters:
-        # One Cholesky-QR pass is enough between the products: it only keeps the columns apart.
-        return orthonormal(g.T @ orthonormal(y, noise_rows, 1).to(g.dtype), noise_cols, 1), all_ok()
+        return keep_apart(g.T @ keep_apart(y).to(g.dtype)), all_ok()
     basis = orthonormal(y, noise_rows, 2)
     small = (basis.T.to(g.dtype) @ g).to(torch.float64)  # (k, n)
     gram = small @ small.T
     return basis, gram, torch.isfinite(gram).all() & all_ok()
 
 
-def sketch(g: torch.Tensor, omega: torch.Tensor, noise_rows: torch.Tensor, noise_cols: torch.Tensor,
+def sketch(g: torch.Tensor, omega: torch.Tensor, noise_rows: torch.Tensor,
            power_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The range finder on the oriented matrix `g` (m, n): an orthonormal basis (m, k) of its dominant
     column space, the Gram matrix (k, k) float64 of `basis^T g` for the Rayleigh-Ritz step, and a 0-d
@@ -138,7 +164,7 @@ def sketch(g: torch.Tensor, omega: torch.Tensor, noise_rows: torch.Tensor, noise
     the optimizer captures it in CUDA graphs."""
     carry = None
     for part in range(sketch_parts(power_iters)):
-        carry = sketch_part(part, g, omega, noise_rows, noise_cols, power_iters, carry)
+        carry = sketch_part(part, g, omega, noise_rows, power_iters, carry)
     return carry
 
 
