@@ -45,6 +45,12 @@ PENDING = ("basis", "gram", "healthy")
 SPREAD_MIN_GAP = 100
 HOST_SOLVE_LAG = 2
 DEVICE_SOLVE_LAG = 4
+# The refresh's work beside a replay (sketch parts, finishes, solves) is a chain of small latency-bound kernels
+# (k x k factorisations, Newton-Schulz GEMMs of a few tiles) that the next step waits for, while the replay's
+# lanes keep every multiprocessor's queue full: at the default priority the chain's blocks wait behind the
+# replay's and a step with a sketch part took the part's whole length on top of the replay. A higher priority
+# (lower number; CUDA clamps it to the device's range) lets the chain's blocks start first.
+REFRESH_STREAM_PRIORITY = -1
 
 
 def _number(name: str, value, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
@@ -465,9 +471,11 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         return self._side_streams[key].fork(count)
 
     def _side_stream(self, purpose: str, device: torch.device) -> torch.cuda.Stream:
+        """The refresh's stream for `purpose`, at REFRESH_STREAM_PRIORITY (captured graphs keep the priority
+        of the stream they were captured on)."""
         key = (purpose, device)
         if key not in self._side_streams:
-            self._side_streams[key] = torch.cuda.Stream(device)
+            self._side_streams[key] = torch.cuda.Stream(device, priority=REFRESH_STREAM_PRIORITY)
         return self._side_streams[key]
 
     def _sketch_beside(self, advancing: list, beginning: list, group: dict, device: torch.device,
